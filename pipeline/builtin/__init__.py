@@ -1,0 +1,31 @@
+"""The built-in model: three small Wan-architecture files trained on the Shapes World (see pipeline/world/).
+
+They are ordinary checkpoints in the layouts our loaders read; nothing special-cases them except that these paths
+are the defaults when no model file is given.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+FOLDER = Path(__file__).resolve().parent
+TRANSFORMER = FOLDER / "zoetrope_builtin_transformer.safetensors"
+VAE = FOLDER / "zoetrope_builtin_vae.safetensors"
+TEXT_ENCODER = FOLDER / "zoetrope_builtin_text_encoder.safetensors"
+
+# Recommended sampling settings (what `zoetrope evaluate` measures).
+DEFAULTS = dict(frames=17, width=64, height=64, steps=20, cfg=4.0, shift=3.0, solver="unipc", fps=8)
+
+
+def available() -> bool:
+    return TRANSFORMER.is_file() and VAE.is_file() and TEXT_ENCODER.is_file()
+
+
+def load(device=None, dtype=None):
+    """(transformer, vae, text_encoder) of the built-in model."""
+    from .. import load_text_encoder, load_transformer, load_vae
+    if not available():
+        raise FileNotFoundError(
+            f"the built-in model's weights are missing from {FOLDER}; reinstall Zoetrope, or train them with "
+            "`zoetrope train-builtin`")
+    return (load_transformer(TRANSFORMER, device=device, dtype=dtype), load_vae(VAE, device=device, dtype=dtype),
+            load_text_encoder(TEXT_ENCODER, device=device, dtype=dtype))
