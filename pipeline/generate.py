@@ -89,13 +89,11 @@ def make_denoiser(dit, cond: list[torch.Tensor], uncond: list[torch.Tensor] | No
     def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if should_stop is not None:
             should_stop()
-        t = sigma.reshape(1).float() * 1000
-        if integer_timesteps:
-            t = t.to(torch.int64).float()
+        t = sampling.timesteps(sigma.reshape(1), integer=integer_timesteps).float().to(x.device)
         net, scale = dit, cfg
         if experts is not None:
             high, low, boundary, cfg_high, cfg_low = experts
-            net, scale = (high, cfg_high) if t.item() >= boundary * 1000 else (low, cfg_low)
+            net, scale = (high, cfg_high) if sampling.expert_for(t.item(), boundary) == "high" else (low, cfg_low)
         if pinned is not None:
             x = x * pinned_mask + pinned * (1 - pinned_mask)
             tt = sampling.token_timesteps(t.expand(x.shape[0]), pinned_mask[:, 0], patch=net.config.patch_size)
@@ -114,6 +112,47 @@ def make_denoiser(dit, cond: list[torch.Tensor], uncond: list[torch.Tensor] | No
             v = v * pinned_mask  # the pinned frame does not move
         return v
     return model
+
+
+def sample(dit, noise: torch.Tensor, cond: list[torch.Tensor], uncond: list[torch.Tensor] | None, *, steps: int,
+           cfg: float, shift: float, solver: str = "unipc", first_latent: torch.Tensor | None = None,
+           image_condition: torch.Tensor | None = None, init_latent: torch.Tensor | None = None,
+           denoise: float = 1.0, experts=None, progress: Progress | None = None,
+           should_stop: Callable[[], None] | None = None) -> torch.Tensor:
+    """Phase 4 of generate(), shared with the sampler node: noise [B, C, F, H, W] -> clean latent, all in the
+    model's normalised latent space.
+
+    first_latent [B or 1, C, 1, H, W]: a clean first latent frame to pin (TI2V, the built-in model).
+    image_condition: the in_dim-36 models' extra channels. init_latent [B or 1, C, F, H, W]: a clip to restyle,
+    noised to the first sigma left after `denoise` (video-to-video). cond / uncond: one [L, D] row per sample.
+    """
+    pinned = pinned_mask = None
+    if first_latent is not None:
+        pinned = torch.zeros_like(noise)
+        pinned[:, :, :1] = first_latent.to(noise)
+        pinned_mask = torch.ones_like(noise)
+        pinned_mask[:, :, :1] = 0
+    sigmas = sampling.default_sigmas(solver, steps, shift)
+    x = noise
+    if init_latent is not None:
+        x0 = init_latent.to(noise).expand_as(noise)
+        sigmas = sampling.sigmas_for_denoise(sigmas, denoise)
+        x = sampling.noise_latent(x0, noise, sigmas[0]) if len(sigmas) > 1 else x0
+    if pinned is not None:
+        x = x * pinned_mask + pinned * (1 - pinned_mask)
+
+    model = make_denoiser(dit, cond, uncond, cfg, integer_timesteps=(solver == "unipc"), pinned=pinned,
+                          pinned_mask=pinned_mask, image_condition=image_condition, experts=experts,
+                          should_stop=should_stop)
+    callback = None
+    if progress is not None:
+        def callback(step, total, x_now, x0_est):
+            progress(step, total, x0_est)
+    if len(sigmas) > 1:
+        x = sampling.SOLVERS[solver](model, x, sigmas, callback=callback)
+    if pinned is not None:
+        x = x * pinned_mask + pinned * (1 - pinned_mask)
+    return x
 
 
 @torch.no_grad()
@@ -142,40 +181,21 @@ def generate(dit, vae, text_encoder, prompt: str, *, negative_prompt: str = "", 
     # 3. Noise, in the model's (normalised) latent space.
     noise = seeded_noise((1, *p.latent_shape), seed).to(device)
 
-    pinned = pinned_mask = image_condition = None
+    first_latent = image_condition = init_latent = None
     if first_frame is not None:
-        image = _fit_image(first_frame, p.width, p.height)
+        image = fit_image(first_frame, p.width, p.height)
         if dit.config.in_dim == dit.config.out_dim:          # TI2V-style: pin a clean first latent frame
-            z0 = vae.normalize(vae.encode(frames_to_video(image).to(device, _dtype(vae))).float())
-            pinned = torch.zeros_like(noise)
-            pinned[:, :, :1] = z0
-            pinned_mask = torch.ones_like(noise)
-            pinned_mask[:, :, :1] = 0
+            first_latent = vae.normalize(vae.encode(frames_to_video(image).to(device, _dtype(vae))).float())
         else:                                                 # Wan in_dim 36: mask + image latents by concatenation
             image_condition = _i2v_condition(vae, image, p, device)
-
-    sigmas = _sigmas(solver, steps, shift)
-    x = noise
     if init_video is not None:
-        clip = _fit_video(init_video, p)
-        x0 = vae.normalize(vae.encode(frames_to_video(clip).to(device, _dtype(vae))).float())
-        sigmas = sampling.sigmas_for_denoise(sigmas, denoise)
-        x = sampling.noise_latent(x0, noise, sigmas[0]) if len(sigmas) > 1 else x0
-    if pinned is not None:
-        x = x * pinned_mask + pinned * (1 - pinned_mask)
+        clip = fit_video(init_video, p)
+        init_latent = vae.normalize(vae.encode(frames_to_video(clip).to(device, _dtype(vae))).float())
 
     # 4. Sample with guidance.
-    model = make_denoiser(dit, cond, uncond, cfg, integer_timesteps=(solver == "unipc"), pinned=pinned,
-                          pinned_mask=pinned_mask, image_condition=image_condition, experts=experts,
-                          should_stop=should_stop)
-    callback = None
-    if progress is not None:
-        def callback(step, total, x_now, x0_est):
-            progress(step, total, x0_est)
-    if len(sigmas) > 1:
-        x = sampling.SOLVERS[solver](model, x, sigmas, callback=callback)
-    if pinned is not None:
-        x = x * pinned_mask + pinned * (1 - pinned_mask)
+    x = sample(dit, noise, cond, uncond, steps=steps, cfg=cfg, shift=shift, solver=solver,
+               first_latent=first_latent, image_condition=image_condition, init_latent=init_latent,
+               denoise=denoise, experts=experts, progress=progress, should_stop=should_stop)
 
     # 5. Decode.
     video = vae.decode(vae.denormalize(x).to(_dtype(vae)), callback=_vae_callback(should_stop))
@@ -186,21 +206,13 @@ def _dtype(module) -> torch.dtype:
     return next(p.dtype for p in module.parameters() if p.is_floating_point())
 
 
-def _sigmas(solver: str, steps: int, shift: float) -> torch.Tensor:
-    if solver not in sampling.SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(sampling.SOLVERS)}")
-    if solver == "unipc":
-        return sampling.official_sigmas(steps, shift)
-    return sampling.flow_sigmas(steps, shift)
-
-
 def _vae_callback(should_stop):
     if should_stop is None:
         return None
     return lambda done, total: should_stop()
 
 
-def _fit_image(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+def fit_image(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """Resize a start image [1, H, W, 3] to the clip's size, centre-cropping to keep its aspect ratio."""
     image = image[:1].float()
     h, w = image.shape[1:3]
@@ -222,8 +234,8 @@ def _fit_image(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
     return chw.permute(0, 2, 3, 1).clamp(0, 1)
 
 
-def _fit_video(video: torch.Tensor, p: Plan) -> torch.Tensor:
-    frames = [_fit_image(video[i:i + 1], p.width, p.height) for i in range(min(len(video), p.frames))]
+def fit_video(video: torch.Tensor, p: Plan) -> torch.Tensor:
+    frames = [fit_image(video[i:i + 1], p.width, p.height) for i in range(min(len(video), p.frames))]
     while len(frames) < p.frames:          # too short: hold the last frame
         frames.append(frames[-1])
     return torch.cat(frames)
