@@ -539,7 +539,9 @@ class WanVAE(nn.Module):
 
     def encode(self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None,
                callback: ProgressCallback | None = None) -> torch.Tensor:
-        """video [B, 3, T, H, W] in [-1, 1], T = 1 + 4k (4: the temporal compression) -> raw latent [B, z, 1 + k, H/s, W/s].
+        """video [B, 3, T, H, W] in [-1, 1], T = 1 + 4k -> raw latent [B, z, 1 + k, H/s, W/s].
+
+        (4 stands for the temporal compression and s for the spatial one.)
 
         Returns the posterior mean, or with `sample=True` a draw from the posterior (using `generator`).
         `callback(done, total)` runs after every chunk of frames; it may raise to cancel.
