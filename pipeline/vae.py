@@ -577,10 +577,11 @@ class WanVAE(nn.Module):
             mu = mu + std * noise.to(mu.device)
         return mu.to(video.dtype) if video.is_floating_point() else mu
 
-    def decode(self, z: torch.Tensor, callback: ProgressCallback | None = None) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, callback: ProgressCallback | None = None, clamp: bool = True) -> torch.Tensor:
         """raw latent [B, z, T', h, w] -> video [B, 3, 1 + 4(T'-1), h*s, w*s], clamped to [-1, 1].
 
-        `callback(done, total)` runs after every latent frame; it may raise to cancel.
+        `callback(done, total)` runs after every latent frame; it may raise to cancel. Training passes
+        clamp=False: a clamped pixel has no gradient, so an overshoot could never be pulled back.
         """
         if z.ndim != 5 or z.shape[1] != self.z_dim:
             raise ValueError(f"expected a raw latent [B, {self.z_dim}, T, H, W] for this VAE (z_dim "
@@ -598,7 +599,9 @@ class WanVAE(nn.Module):
                     callback(i + 1, latent_frames)
         finally:
             cache.clear()
-        video = unpatchify(torch.cat(outs, dim=2), self.config.patch_size).clamp(-1.0, 1.0)
+        video = unpatchify(torch.cat(outs, dim=2), self.config.patch_size)
+        if clamp:
+            video = video.clamp(-1.0, 1.0)
         return video.to(z.dtype) if z.is_floating_point() else video
 
 

@@ -1,0 +1,410 @@
+"""Train the built-in model from nothing: `zoetrope train-builtin`.
+
+Stages, each resumable (a checkpoint every few minutes; a finished stage is skipped on the next run):
+  1. vae         a small Wan-architecture causal VAE on whole Shapes World clips
+  2. tokenizer   a SentencePiece unigram model over the world's words, stored in the text-encoder file
+  3. latents     a pool of clips encoded once with the frozen VAE (their prompts are redrawn every epoch)
+  4. transformer a Wan-architecture DiT and a umT5-architecture text encoder, trained together by flow matching,
+                 for text-to-video and for first-frame image-to-video (a clean first latent frame pinned with
+                 per-token timesteps, as Wan 2.2 TI2V does)
+  5. export      the three safetensors files the loaders read
+
+Everything is seeded. On a GPU the same script runs in minutes; on a 2-core CPU it fits in about three hours.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import sampling
+from ..config import DiTConfig, TextEncoderConfig, VAEConfig
+from ..dit import WanModel
+from ..text_encoder import TextEncoder, UMT5Encoder
+from ..tokenizer import Tokenizer
+from ..vae import WanVAE
+from . import scene as world
+
+log = logging.getLogger("zoetrope.train")
+
+# The built-in model's architecture: Wan's classes at small sizes. The VAE compresses 4x in space (64x64 ->
+# 16x16) rather than Wan 2.1's 8x, because an object of 0.2 W is 13 pixels and must keep its shape.
+VAE_CONFIG = VAEConfig(dim=32, dec_dim=32, z_dim=16, dim_mult=(1, 2, 4), num_res_blocks=1,
+                       temporal_downsample=(True, True))
+TEXT_CONFIG = TextEncoderConfig(vocab_size=256, dim=128, dim_attn=128, dim_ffn=256, num_heads=4, num_layers=2,
+                                num_buckets=32, max_distance=64)
+DIT_CONFIG = DiTConfig(dim=256, ffn_dim=1024, num_heads=4, num_layers=6, in_dim=16, out_dim=16,
+                       text_dim=TEXT_CONFIG.dim, text_len=48, freq_dim=256)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Steps per stage. The defaults fit the 3-hour budget of a 2-core CPU; --smoke runs seconds."""
+    vae_steps: int = 4000
+    vae_batch: int = 12
+    vae_frames: int = 5
+    vae_crop: int = 32
+    pool_clips: int = 12000
+    dit_steps: int = 8000
+    dit_batch: int = 32
+    lr_vae: float = 6e-4
+    lr_dit: float = 4e-4
+    i2v_share: float = 0.25      # share of training clips with a pinned clean first frame
+    uncond_share: float = 0.1    # share trained with an empty prompt, for classifier-free guidance
+    ema: float = 0.998
+    stats_clips: int = 64        # clips whose latents give the per-channel mean and std
+
+
+SMOKE = Budget(vae_steps=3, vae_batch=2, pool_clips=8, dit_steps=3, dit_batch=4, stats_clips=4)
+
+SIZE, FRAMES = 64, 17
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _autocast(device: torch.device):
+    # bf16 autocast: AVX512-BF16/AMX CPUs and every recent GPU run it several times faster than fp32.
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+class Stage:
+    """A resumable loop: `state` is saved to work/NAME.pt every few minutes and on completion."""
+
+    def __init__(self, work: Path, name: str):
+        self.path = work / f"{name}.pt"
+        self.done_path = work / f"{name}.done"
+        self.name = name
+
+    @property
+    def done(self) -> bool:
+        return self.done_path.exists()
+
+    def load(self):
+        return torch.load(self.path, weights_only=False) if self.path.exists() else None
+
+    def save(self, state: dict, done: bool = False):
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+        if done:
+            self.done_path.write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def _clips(rng: np.random.Generator, n: int, frames: int, crop: int | None = None) -> tuple[torch.Tensor, list]:
+    """n random clips [n, 3, T, H, W] in -1..1 and their scenes (one or two objects).
+
+    With `crop`, each clip is cut to crop x crop pixels around one of its objects' first position (jittered): the
+    VAE is convolutional, and a quarter of the pixels trains four times faster at the same scale of objects.
+    """
+    scenes = [world.sample_scene(rng, 1 if rng.random() < 0.6 else 2) for _ in range(n)]
+    video = np.stack([world.render(s, size=SIZE, frames=frames) for s in scenes])        # [n, T, H, W, 3] uint8
+    if crop is not None:
+        cut = []
+        for v, s in zip(video, scenes):
+            cx, cy = s.objects[rng.integers(len(s.objects))].start
+            x0 = int(np.clip(cx * SIZE - crop / 2 + rng.integers(-crop // 3, crop // 3 + 1), 0, SIZE - crop))
+            y0 = int(np.clip(cy * SIZE - crop / 2 + rng.integers(-crop // 3, crop // 3 + 1), 0, SIZE - crop))
+            cut.append(v[:, y0:y0 + crop, x0:x0 + crop])
+        video = np.stack(cut)
+    video = torch.from_numpy(video).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    return video, scenes
+
+
+def _object_weight(video: torch.Tensor) -> torch.Tensor:
+    """Per-pixel loss weight: objects and their edges count 8x the background, which fills most of the frame."""
+    border = torch.cat([video[..., 0, :], video[..., -1, :], video[..., :, 0], video[..., :, -1]], dim=-1)
+    bg = border.median(dim=-1).values[..., None, None]                                     # [n, 3, T, 1, 1]
+    fg = ((video - bg).abs().amax(dim=1, keepdim=True) > 0.05).float()
+    fg = F.max_pool3d(fg, kernel_size=(1, 3, 3), stride=1, padding=(0, 1, 1))               # include edges
+    return 1 + 7 * fg
+
+
+def train_vae(work: Path, budget: Budget, seed: int, device: torch.device, progress) -> WanVAE:
+    stage = Stage(work, "vae")
+    torch.manual_seed(seed)
+    vae = WanVAE(VAE_CONFIG).to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=budget.lr_vae, weight_decay=1e-4, betas=(0.9, 0.99))
+    step, rng = 0, np.random.default_rng(seed)
+    state = stage.load()
+    if state is not None:
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, rng = state["step"], state["rng"]
+        if stage.done:
+            return vae.eval()
+    vae.train()
+    last_save, bar = time.time(), progress(budget.vae_steps, "vae", step)
+    while step < budget.vae_steps:
+        lr = _cosine(step, budget.vae_steps, budget.lr_vae, warmup=100)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        frames = budget.vae_frames if rng.random() < 0.8 else 1
+        # Mostly crops around objects; every fourth step whole frames, so the borders and the mid-block's
+        # attention also see the full picture.
+        whole = step % 4 == 3
+        video, _ = _clips(rng, budget.vae_batch // 2 if whole else budget.vae_batch, frames,
+                          crop=None if whole else budget.vae_crop)
+        video = video.to(device)
+        with _autocast(device):
+            mu = vae.encode(video)
+            # Noise on the latent (a tenth of its spread) keeps the decoder tolerant of the small errors a
+            # sampler leaves; scaling it by the spread stops the encoder from simply outgrowing it.
+            z = mu + 0.1 * mu.detach().float().std() * torch.randn_like(mu)
+            recon = vae.decode(z, clamp=False).float()
+        w = _object_weight(video)
+        loss = (w * (recon - video).abs()).mean() + (w * (recon - video) ** 2).mean() + 1e-4 * mu.float().pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
+        if step % 100 == 0:
+            log.info("vae step %d loss %.5f", step, loss.item())
+        if time.time() - last_save > 180 or step == budget.vae_steps:
+            stage.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "rng": rng},
+                       done=step == budget.vae_steps)
+            last_save = time.time()
+    bar.close()
+    return vae.eval()
+
+
+@torch.no_grad()
+def latent_stats(vae: WanVAE, seed: int, device, n: int = 64) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the raw latents of n clips: the built-in family's normalisation constants."""
+    video, _ = _clips(np.random.default_rng(seed + 1), n, FRAMES)
+    with _autocast(device):
+        zs = torch.cat([vae.encode(video[i:i + 8].to(device)).float() for i in range(0, n, 8)])
+    zs = zs.transpose(0, 1).reshape(zs.shape[1], -1)
+    return zs.mean(1).tolist(), zs.std(1).clamp_min(1e-3).tolist()
+
+
+def train_tokenizer(work: Path, seed: int, vocab_size: int) -> bytes:
+    path = work / "spiece.model"
+    if path.exists():
+        return path.read_bytes()
+    import sentencepiece as spm
+    rng = np.random.default_rng(seed)
+    sentences = []
+    for _ in range(4000):
+        s = world.sample_scene(rng, 1 if rng.random() < 0.5 else 2)
+        sentences.append(world.prompt(s))
+        sentences.append(world.paraphrase(s, rng))
+    sentences += sorted(world.vocabulary_words())
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=buf, model_type="unigram", vocab_size=vocab_size,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, character_coverage=1.0,
+        num_threads=1, minloglevel=2)   # one thread: the same pieces on every run
+    path.write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+@torch.no_grad()
+def encode_pool(work: Path, vae: WanVAE, budget: Budget, seed: int, device, progress) -> dict:
+    """Encode `pool_clips` clips once. Clip i is drawn from default_rng([seed, i]), so its scene (and every
+    prompt for it) can be drawn again from its index instead of being stored."""
+    stage = Stage(work, "latents")
+    state = stage.load() or {"latents": [], "scenes": []}
+    if stage.done:
+        return state
+    vae.eval()
+    done = len(state["scenes"])
+    bar, last_save = progress(budget.pool_clips, "latents", done), time.time()
+    batch = 16
+    while done < budget.pool_clips:
+        n = min(batch, budget.pool_clips - done)
+        scenes = [_pool_scene(seed, done + i) for i in range(n)]
+        video = np.stack([world.render(s, size=SIZE, frames=FRAMES) for s in scenes])
+        video = torch.from_numpy(video).permute(0, 4, 1, 2, 3).float().to(device) / 127.5 - 1
+        with _autocast(device):
+            z = vae.encode(video)
+        state["latents"].append(vae.normalize(z.float()).to(torch.bfloat16).cpu())
+        state["scenes"].extend(scenes)
+        done += n
+        bar.update(n)
+        if time.time() - last_save > 180 or done == budget.pool_clips:
+            stage.save(state, done=done == budget.pool_clips)
+            last_save = time.time()
+    bar.close()
+    return state
+
+
+def _pool_scene(seed: int, i: int):
+    rng = np.random.default_rng([seed, i])
+    return world.sample_scene(rng, 1 if rng.random() < 0.55 else 2)
+
+
+def train_transformer(work: Path, pool: dict, spiece: bytes, budget: Budget, seed: int, device, progress):
+    stage = Stage(work, "transformer")
+    torch.manual_seed(seed + 2)
+    tokenizer = Tokenizer.from_bytes(spiece)
+    te_config = replace(TEXT_CONFIG, vocab_size=tokenizer.vocab_size)
+    encoder = UMT5Encoder(te_config).to(device)
+    dit = WanModel(DIT_CONFIG).to(device)
+    params = list(encoder.parameters()) + list(dit.parameters())
+    opt = torch.optim.AdamW(params, lr=budget.lr_dit, weight_decay=0.01, betas=(0.9, 0.99))
+    ema = {"dit": copy.deepcopy(dit).eval(), "encoder": copy.deepcopy(encoder).eval()}
+    step, rng = 0, np.random.default_rng(seed + 3)
+    state = stage.load()
+    if state is not None:
+        dit.load_state_dict(state["dit"])
+        encoder.load_state_dict(state["encoder"])
+        ema["dit"].load_state_dict(state["ema_dit"])
+        ema["encoder"].load_state_dict(state["ema_encoder"])
+        opt.load_state_dict(state["opt"])
+        step, rng = state["step"], state["rng"]
+    if stage.done:
+        return ema["dit"], TextEncoder(ema["encoder"], tokenizer), te_config
+    latents = torch.cat(pool["latents"])                                                 # [N, z, T', H', W']
+    scenes = pool["scenes"]
+    gen = torch.Generator().manual_seed(seed + 4 + step)
+    dit.train()
+    encoder.train()
+    last_save, bar = time.time(), progress(budget.dit_steps, "transformer", step)
+    while step < budget.dit_steps:
+        lr = _cosine(step, budget.dit_steps, budget.lr_dit, warmup=200)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = rng.integers(len(scenes), size=budget.dit_batch).tolist()
+        x0 = latents[idx].float().to(device)
+        prompts = ["" if rng.random() < budget.uncond_share else
+                   (world.prompt(scenes[i]) if rng.random() < 0.5 else world.paraphrase(scenes[i], rng)) for i in idx]
+        ids, mask = tokenizer(prompts, max_length=DIT_CONFIG.text_len)
+        b = x0.shape[0]
+        # Flow matching (Wan's parameterisation): x_s = (1 - s) x0 + s noise, target v = noise - x0.
+        u = torch.rand(b, generator=gen)
+        sigma = sampling.shift_sigmas(u, 3.0).float().to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        s = sigma.view(b, 1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        target = noise - x0
+        # Image-to-video: some clips keep a clean first latent frame, with timestep 0 on its tokens.
+        keep = torch.ones_like(x0[:, :1])
+        pinned = torch.rand(b, generator=gen) < budget.i2v_share
+        keep[pinned, :, 0] = 0
+        xt = xt * keep + x0 * (1 - keep)
+        t = sampling.token_timesteps(sigma * 1000, keep[:, 0], patch=DIT_CONFIG.patch_size)
+        with _autocast(device):
+            emb = encoder(ids.to(device), mask.to(device))
+            context = [e[: int(m.sum())] for e, m in zip(emb, mask)]
+            v = dit(xt, t, context)
+        loss = (((v.float() - target) ** 2) * keep).sum() / (keep.sum() * x0.shape[1])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        _ema_update(ema["dit"], dit, budget.ema if step > 500 else 0.0)
+        _ema_update(ema["encoder"], encoder, budget.ema if step > 500 else 0.0)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
+        if step % 100 == 0:
+            log.info("transformer step %d loss %.5f", step, loss.item())
+        if time.time() - last_save > 180 or step == budget.dit_steps:
+            stage.save({"dit": dit.state_dict(), "encoder": encoder.state_dict(), "ema_dit": ema["dit"].state_dict(),
+                        "ema_encoder": ema["encoder"].state_dict(), "opt": opt.state_dict(), "step": step,
+                        "rng": rng}, done=step == budget.dit_steps)
+            last_save = time.time()
+    bar.close()
+    return ema["dit"], TextEncoder(ema["encoder"], tokenizer), te_config
+
+
+@torch.no_grad()
+def _ema_update(ema_model, model, decay: float):
+    for e, p in zip(ema_model.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+
+
+def _cosine(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+
+
+def export(out: Path, vae: WanVAE, vae_stats, dit: WanModel, text_encoder: TextEncoder, te_config, spiece: bytes):
+    """Write the three files in the official layouts our loaders read, configs in the header metadata."""
+    from safetensors.torch import save_file
+    out.mkdir(parents=True, exist_ok=True)
+    mean, std = vae_stats
+    vae_cfg = replace(VAE_CONFIG, latents_mean=tuple(mean), latents_std=tuple(std))
+
+    def half(sd):   # bf16 halves the repository size; the models compute in float32 on a CPU by default
+        return {k: v.detach().to(torch.bfloat16 if v.is_floating_point() else v.dtype).contiguous().cpu()
+                for k, v in sd.items()}
+
+    def meta(cfg):
+        return {"zoetrope.config": json.dumps(asdict(cfg)), "zoetrope.family": "builtin"}
+
+    from .. import builtin
+    save_file(half(vae.state_dict()), str(out / builtin.VAE.name), metadata=meta(vae_cfg))
+    save_file(half(dit.state_dict()), str(out / builtin.TRANSFORMER.name), metadata=meta(DIT_CONFIG))
+    te_sd = half(text_encoder.encoder.state_dict())
+    te_sd["spiece_model"] = torch.frombuffer(bytearray(spiece), dtype=torch.uint8)
+    save_file(te_sd, str(out / builtin.TEXT_ENCODER.name), metadata=meta(te_config))
+
+
+def main(argv=None) -> int:
+    from ..builtin import FOLDER
+    ap = argparse.ArgumentParser(prog="zoetrope train-builtin", description=__doc__.split("\n")[0])
+    ap.add_argument("--work", default="builtin-training", help="folder for checkpoints and the log (resumable)")
+    ap.add_argument("--out", default=str(FOLDER), help="where the three safetensors files are written")
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--smoke", action="store_true", help="a few steps of every stage (seconds), for tests")
+    for f in ("vae_steps", "dit_steps", "pool_clips", "dit_batch", "vae_batch"):
+        ap.add_argument("--" + f.replace("_", "-"), type=int, default=None)
+    ap.add_argument("--stop-after", choices=("vae", "latents", "transformer"), default=None,
+                    help="stop after this stage (look at its results; the next run resumes from there)")
+    args = ap.parse_args(argv)
+    budget = SMOKE if args.smoke else Budget()
+    overrides = {f: getattr(args, f) for f in ("vae_steps", "dit_steps", "pool_clips", "dit_batch", "vae_batch")
+                 if getattr(args, f) is not None}
+    budget = replace(budget, **overrides)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(work / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    device = _device()
+    log.info("train-builtin seed %d on %s, budget %s", args.seed, device, budget)
+
+    from tqdm import tqdm
+
+    def progress(total, name, initial):
+        return tqdm(total=total, initial=initial, desc=name, dynamic_ncols=True, disable=args.smoke)
+
+    t0 = time.time()
+    vae = train_vae(work, budget, args.seed, device, progress)
+    stats = latent_stats(vae, args.seed, device, budget.stats_clips)
+    vae.config = replace(vae.config, latents_mean=tuple(stats[0]), latents_std=tuple(stats[1]))
+    log.info("vae done at %.1f min", (time.time() - t0) / 60)
+    if args.stop_after == "vae":
+        return 0
+    spiece = train_tokenizer(work, args.seed, TEXT_CONFIG.vocab_size)
+    pool = encode_pool(work, vae, budget, args.seed, device, progress)
+    log.info("latent pool done at %.1f min", (time.time() - t0) / 60)
+    if args.stop_after == "latents":
+        return 0
+    dit, text_encoder, te_config = train_transformer(work, pool, spiece, budget, args.seed, device, progress)
+    log.info("transformer done at %.1f min", (time.time() - t0) / 60)
+    if args.stop_after == "transformer":
+        return 0
+    export(Path(args.out), vae, stats, dit, text_encoder, te_config, spiece)
+    log.info("exported to %s after %.1f min", args.out, (time.time() - t0) / 60)
+    print(f"wrote the built-in model to {args.out} in {(time.time() - t0) / 60:.1f} min")
+    return 0
