@@ -2,8 +2,8 @@
 
 A loader never trusts a file name or a user's choice of loader. It reads the tensor names and shapes (for
 safetensors, from the header alone), decides what the file is (`detect`), refuses a wrong file with a message
-that says what it is and what to do, and only then builds the module: parameters on the `meta` device, the
-file's tensors assigned in place (memory-mapped, not copied), cast and moved once.
+that says what it is and what to do, and only then builds the module on the `meta` device, assigns the file's
+tensors in place (memory-mapped, not copied) and casts and moves each once.
 
 Layouts read: the official Wan names, ComfyUI's repackaged files (a `model.diffusion_model.`-style prefix;
 fp8 weights plain, legacy-scaled with `scaled_fp8` + `.scale_weight`, or with `.weight_scale` + `.comfy_quant`),
@@ -66,6 +66,7 @@ _SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 _PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 _INDEX_SUFFIX = ".safetensors.index.json"
 METADATA_KEY = "zoetrope.config"            # JSON in the safetensors metadata: config fields shapes cannot tell
+FAMILY_KEY = "zoetrope.family"              # optional: the family ("builtin"), also accepted inside the JSON
 
 _SAFETENSORS_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
@@ -181,14 +182,18 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, TensorMeta], dict[st
     metadata = entries.pop("__metadata__", None) or {}
     data_len, end = size - 8 - header_len, 0
     tensors = {}
+    name = ""
     try:
         for name, entry in entries.items():
             dtype = _SAFETENSORS_DTYPES.get(entry["dtype"], entry["dtype"].lower())
-            tensors[name] = TensorMeta(tuple(int(n) for n in entry["shape"]), dtype)
-            end = max(end, int(entry["data_offsets"][1]))
+            tensors[name] = meta = TensorMeta(tuple(int(n) for n in entry["shape"]), dtype)
+            start, stop = (int(n) for n in entry["data_offsets"])
+            if dtype in _ITEM_SIZES and stop - start != meta.numel() * _ITEM_SIZES[dtype]:
+                raise ValueError
+            end = max(end, stop)
     except (KeyError, TypeError, IndexError, ValueError, AttributeError):
         raise CheckpointError(f"{path}: corrupt safetensors header (the entry for {name!r} lacks a dtype, shape "
-                              "or data_offsets). Download the file again.") from None
+                              "or data_offsets, or they disagree). Download the file again.") from None
     if end > data_len:
         raise CheckpointError(
             f"{path}: truncated safetensors file: the header places tensor data up to byte {end:,}, but the "
@@ -234,6 +239,9 @@ def _read_pickle(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise CheckpointError(f"{path}: not a readable torch checkpoint ({e}); the file is corrupt or "
+                                  "truncated. Download it again.") from None
         reason = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line),
                       str(e).splitlines()[0] if str(e) else "")
         raise CheckpointError(
@@ -358,8 +366,9 @@ class _Incomplete(Exception):
 def detect(source) -> ModelInfo:
     """Tell what a checkpoint is from its header (see `read_header`; a path or state dict is read first).
 
-    Never allocates tensor memory and never raises for a readable file: a file our loaders refuse comes
-    back with `problem` set, so that `zoetrope inspect` can still say what it is."""
+    Allocates no tensor memory. A file our loaders refuse comes back with `problem` set, so that `zoetrope
+    inspect` can still say what it is; CheckpointError is only for a file that cannot be read, or whose
+    `zoetrope.config` metadata contradicts its tensors."""
     header = read_header(source)
     where = header.where
     common = dict(path=None if header.path is None else str(header.path), file_size=header.file_size)
@@ -523,16 +532,17 @@ def _precision(t: Mapping[str, TensorMeta], scaled: bool) -> tuple[str, str]:
 
 
 def _zoetrope_metadata(header: Header) -> dict:
+    """The `zoetrope.config` JSON; a separate `zoetrope.family` entry, if any, counts as its "family"."""
     raw = header.metadata.get(METADATA_KEY)
-    if not raw:
-        return {}
     try:
-        meta = json.loads(raw)
+        meta = json.loads(raw) if raw else {}
         if not isinstance(meta, dict):
             raise ValueError("not a JSON object")
     except ValueError as e:
         raise CheckpointError(f"{header.where}: its `{METADATA_KEY}` metadata is not a JSON object ({e}). "
                               "Re-save the file with zoetrope.pipeline.checkpoints.config_metadata().") from None
+    if FAMILY_KEY in header.metadata:
+        meta.setdefault("family", header.metadata[FAMILY_KEY])
     return meta
 
 
@@ -823,9 +833,13 @@ def _prepare(tensors: dict, metadata: dict, info: ModelInfo, kind: str) -> tuple
             if weight is None:
                 raise CheckpointError(f"{where}: the fp8 scale `{name}` has no weight beside it. The file is "
                                       "damaged or in a quantisation format Zoetrope does not know.")
+            if t.numel() not in (1, weight.shape[0]):
+                raise CheckpointError(f"{where}: the fp8 scale `{name}` has shape {tuple(t.shape)}, which fits its "
+                                      f"weight {tuple(weight.shape)} neither per tensor nor per output channel; "
+                                      "Zoetrope reads those two kinds only. Use a 16-bit version of this model.")
             scale_of[id(weight)] = t
         elif name.endswith(_QUANT_SUFFIX):
-            _check_quant_format(bytes(t.cpu().numpy().tobytes()), name, where)
+            _check_quant_format(t.numpy().tobytes(), name, where)
     _check_quantization_metadata(metadata.get("_quantization_metadata"), where)
     state_dict = _key_mapper(kind, info.layout)(weights)
     scales = {name: scale_of[id(t)] for name, t in state_dict.items() if id(t) in scale_of}
@@ -859,38 +873,14 @@ def _check_quant_format(raw: bytes, name: str, where: str) -> None:
 
 
 def _build(kind: str, config, dtype):
-    """The module with its parameters on the `meta` device (no memory), its buffers real."""
+    """The module on the `meta` device: shapes and dtypes only, no memory, nothing initialised."""
     if kind == "transformer":
         from .dit import WanModel as cls
     elif kind == "vae":
         from .vae import WanVAE as cls
     else:
         from .text_encoder import UMT5Encoder as cls
-    with _parameters_on_meta():
-        return cls(config, dtype=dtype)
-
-
-class _parameters_on_meta:
-    """Parameters go to `meta` as they are registered: nothing is allocated or initialised for weights the
-    file replaces anyway. Buffers (RoPE tables and such, computed in __init__, never in a file) stay real, which
-    building the whole module with device="meta" would lose."""
-
-    def __enter__(self):
-        from torch import nn
-
-        self._register = register = nn.Module.register_parameter
-
-        def to_meta(module, name, param):
-            register(module, name, param)
-            if param is not None and param.device.type != "meta":
-                module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-        nn.Module.register_parameter = to_meta
-
-    def __exit__(self, *exc):
-        from torch import nn
-
-        nn.Module.register_parameter = self._register
+    return cls(config, device="meta", dtype=dtype)
 
 
 def _check_keys(model: nn.Module, state_dict: dict, info: ModelInfo) -> None:
@@ -935,6 +925,10 @@ def _place(model: nn.Module, scales: dict, device, dtypes: dict) -> None:
             grad = param.requires_grad and value.dtype not in ops.FP8_DTYPES
             module._parameters[name] = nn.Parameter(value, requires_grad=grad)
         for name, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.is_meta:
+                # A buffer computed in __init__ is in no file; on `meta` it has no values to load.
+                raise RuntimeError(f"{type(model).__name__} holds a buffer `{module_name}.{name}` that no checkpoint "
+                                   "fills: compute it lazily (in forward) so that loading on `meta` works")
             if buffer is not None:
                 module._buffers[name] = buffer.to(device)
 
@@ -942,9 +936,4 @@ def _place(model: nn.Module, scales: dict, device, dtypes: dict) -> None:
 def _scale_shape(scale, weight):
     """A per-tensor scale as a scalar; a per-output-channel one shaped to broadcast over the weight."""
     scale = scale.float()
-    if scale.numel() == 1:
-        return scale.reshape(())
-    if scale.numel() == weight.shape[0]:
-        return scale.reshape(-1, *[1] * (weight.dim() - 1))
-    raise CheckpointError(f"an fp8 scale of shape {tuple(scale.shape)} does not fit its weight of shape "
-                          f"{tuple(weight.shape)}; only per-tensor and per-output-channel scales are supported.")
+    return scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1, *[1] * (weight.dim() - 1))

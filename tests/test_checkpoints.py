@@ -9,12 +9,15 @@ fixtures/layouts (names, shapes, dtypes; no data).
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
 import os
 import random
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -429,6 +432,10 @@ def test_custom_sizes_take_their_head_count_from_metadata(tmp_path):
     path = save(sd, tmp_path / "builtin.safetensors", metadata=config_metadata(config, family="builtin", fps=8))
     model = load_transformer(path)
     assert model.config == config and model.info.family == "builtin" and model.info.settings == {"fps": 8}
+    # the family may also travel as its own metadata entry beside the config JSON
+    metadata = {"zoetrope.config": json.dumps(dataclasses.asdict(config)), "zoetrope.family": "builtin"}
+    info = detect(save(sd, tmp_path / "builtin2.safetensors", metadata=metadata))
+    assert info.family == "builtin" and info.config == config and info.variant is None and info.loader
 
 
 # ------------------------------------------------------------------------------------------------------- 3. fp8
@@ -731,6 +738,11 @@ def test_inspect_reads_only_the_header_of_a_big_file(tmp_path, capsys):
                  "models/diffusion_models", "ZoetropeModelLoader / zoetrope.pipeline.load_transformer",
                  "50 steps, cfg 6.0, shift 8.0"):
         assert fact in out, fact
+    # Header-only for real: a fresh interpreter answers without even importing torch.
+    probe = ("import sys; from zoetrope.pipeline.inspect_cli import main; status = main(sys.argv[1:]); "
+             "sys.exit(status or 3 * ('torch' in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 def test_inspect_small_files_and_json(files, capsys):
