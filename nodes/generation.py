@@ -7,7 +7,6 @@ only inside the sampler.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 
 from . import host
@@ -179,15 +178,16 @@ class ZoetropeSampler:
             raise ValueError(f"denoise {denoise} restyles a clip, but nothing is connected to 'video': connect a "
                              "clip's latent from ZoetropeVAEEncode, or set denoise to 1")
 
+        net = _Net(model)
         experts = None
         if low_noise_model is not None:
             _check_model_takes(low_noise_model, noise)
             boundary = float(rec.get("boundary", 0.875))
             cfg_high = cfg if cfg_given else float(rec.get("cfg_high", cfg))
             cfg_low = cfg if cfg_given else float(rec.get("cfg_low", cfg))
-            high, low = _Expert(model), _Expert(low_noise_model)
-            high.other, low.other = low, high
-            experts = (high, low, boundary, cfg_high, cfg_low)
+            low = _Net(low_noise_model)
+            net.other, low.other = low, net
+            experts = (net, low, boundary, cfg_high, cfg_low)
         elif "boundary" in rec:
             log.warning("Zoetrope: %s is one expert of Wan 2.2 A14B; connect the other one to low_noise_model for "
                         "the full model (sampling with this expert alone)", model.label)
@@ -198,8 +198,7 @@ class ZoetropeSampler:
                  steps, cfg, shift, solver)
         device = model.device
         to = (lambda t: None if t is None else t.to(device))
-        with torch.no_grad(), host.Progress(len(sigmas) - 1, "sampling") as bar, \
-                (contextlib.nullcontext(experts[0]) if experts else model.active()) as net:
+        with torch.no_grad(), host.Progress(len(sigmas) - 1, "sampling") as bar:
             try:
                 x = gen.sample(
                     net, noise.to(device), [c.to(device) for c in cond],
@@ -208,25 +207,28 @@ class ZoetropeSampler:
                     experts=experts, progress=lambda step, total, x0: bar.update(step, lambda: preview_image(x0)),
                     should_stop=host.check_interrupt)
             finally:
-                for expert in experts or ():
-                    expert.release()
+                for n in (net, *(experts[1:2] if experts else ())):
+                    n.release()
         return ({"samples": fmt.denormalize(x).to(host.intermediate_device())},)
 
 
-class _Expert:
-    """One Wan 2.2 A14B expert as make_denoiser sees it: brought onto its device for its first step, the other
-    expert sent back first, so that only one 14B model is on the GPU at a time (the switch happens once)."""
+class _Net:
+    """The transformer as make_denoiser sees it. It checks for Cancel before every forward pass (a guided step
+    is two), and comes onto its compute device at its first call. For Wan 2.2 A14B each expert is one of these:
+    the first call of one sends the `other` back first, so one 14B model is on the GPU at a time (the switch
+    happens once). release() sends it back to its offload device."""
 
     def __init__(self, handle: Loaded):
         self.handle = handle
         self.config = handle.module.config
-        self.other: _Expert | None = None
+        self.other: _Net | None = None
 
     def parameters(self):
         return self.handle.module.parameters()
 
     def __call__(self, *args):
         from .models import move
+        host.check_interrupt()
         if next(self.handle.module.parameters()).device != self.handle.device:
             if self.other is not None:
                 self.other.release()

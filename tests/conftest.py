@@ -39,3 +39,54 @@ def builtin_model(builtin_model_dir, monkeypatch):
         monkeypatch.setattr(builtin, name, builtin_model_dir / getattr(builtin, name).name)
     monkeypatch.setattr(builtin, "FOLDER", builtin_model_dir)
     return builtin_model_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_models(tmp_path_factory, builtin_model_dir):
+    """A models folder (diffusion_models/, text_encoders/, vae/) with tiny random-weight Wan 2.1 T2V 1.3B and
+    Wan 2.2 TI2V 5B stand-ins under the real file names: the official layouts and the real VAE geometry (8x and
+    16x spatial, 4x temporal, 16 and 48 channels with the released latent statistics), at a few thousand
+    parameters. Their `zoetrope.config` metadata names the family and the sizes that shapes cannot tell."""
+    from dataclasses import replace
+
+    import torch
+    from safetensors.torch import save_file
+    from zoetrope.pipeline.checkpoints import config_metadata
+    from zoetrope.pipeline.config import WAN21_VAE, WAN22_VAE, DiTConfig, TextEncoderConfig
+    from zoetrope.pipeline.dit import WanModel
+    from zoetrope.pipeline.text_encoder import UMT5Encoder
+    from zoetrope.pipeline.vae import WanVAE
+
+    def save(module, path, config, family, name):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sd = {k: v.contiguous() for k, v in module.state_dict().items()}
+        if isinstance(module, UMT5Encoder):
+            # the built-in model's SentencePiece model: a real tokenizer without training one here
+            sd["spiece_model"] = _spiece_from(builtin_model_dir)
+        save_file(sd, str(path), metadata=config_metadata(config, family=family, name=name))
+
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(1)
+    te = TextEncoderConfig(vocab_size=256, dim=32, dim_attn=32, dim_ffn=64, num_heads=2, num_layers=2,
+                           num_buckets=32, max_distance=64)
+    files = {"text_encoder": root / "text_encoders" / "umt5_xxl_fp8_e4m3fn_scaled.safetensors"}
+    save(UMT5Encoder(te), files["text_encoder"], te, "wan2.1", "umT5-XXL encoder (tiny stand-in)")
+    for family, released, model, vae, extra in (
+            ("wan2.1", WAN21_VAE, "wan2.1_t2v_1.3B_fp16.safetensors", "wan_2.1_vae.safetensors", {}),
+            ("wan2.2", WAN22_VAE, "wan2.2_ti2v_5B_fp16.safetensors", "wan2.2_vae.safetensors",
+             dict(patch_size=2, residual=True))):
+        vc = replace(released, dim=8, dec_dim=8, num_res_blocks=1, **extra)
+        dc = DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_dim=vc.z_dim, out_dim=vc.z_dim,
+                       text_dim=te.dim, text_len=16)
+        files[f"{family}_vae"] = root / "vae" / vae
+        files[f"{family}_model"] = root / "diffusion_models" / model
+        save(WanVAE(vc), files[f"{family}_vae"], vc, family, f"{family} VAE (tiny stand-in)")
+        save(WanModel(dc), files[f"{family}_model"], dc, family, f"{model} (tiny stand-in)")
+    files["root"] = root
+    return files
+
+
+def _spiece_from(folder):
+    from safetensors import safe_open
+    with safe_open(str(folder / "zoetrope_builtin_text_encoder.safetensors"), "pt") as f:
+        return f.get_tensor("spiece_model").clone()
