@@ -312,7 +312,9 @@ class WanModel(nn.Module):
         # Time: embed each distinct timestep once (float64 sinusoid, float32 MLP), then index per token.
         levels, index = timestep_levels(t, b, math.prod(grid), x.device)        # [U], [B, 1 or L]
         with torch.autocast(x.device.type, enabled=False):
-            e = self.time_embedding(sinusoidal_embedding_1d(cfg.freq_dim, levels).float())  # [U, C]
+            # a few rows of float64, taken on the CPU (not every accelerator has float64)
+            sinusoid = sinusoidal_embedding_1d(cfg.freq_dim, levels.cpu()).to(x.device, torch.float32)
+            e = self.time_embedding(sinusoid)                                               # [U, C]
             e0 = self.time_projection(e).unflatten(1, (6, cfg.dim))                          # [U, 6, C]
 
         context = pad_context(context, cfg.text_len).to(device=x.device, dtype=dtype)      # [B, L_text, D]
@@ -322,7 +324,7 @@ class WanModel(nn.Module):
         context = self.text_embedding(context)                                              # [B, L_text, C]
 
         hidden = self.patch_embedding(x.to(dtype))                                          # [B, C, F', H', W']
-        hidden = hidden.flatten(2).transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+        hidden = hidden.flatten(2).transpose(1, 2).contiguous().float()                     # [B, L, C] float32
         freqs = self.rope(grid, x.device)                                                   # [L, 1, d/2]
         for block in self.blocks:
             hidden = block(hidden, e0, index, context, freqs)                               # [B, L, C] float32

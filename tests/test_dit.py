@@ -261,3 +261,14 @@ def test_errors_name_what_to_do():
                                   image_embedding=True))
     with pytest.raises(NotImplementedError, match="Wan 2.2 I2V A14B or TI2V-5B"):
         clip(torch.randn(1, 36, 1, 4, 4), torch.tensor([1]), context)
+
+
+def test_backward_reaches_every_parameter():
+    """The built-in model trains this same module: gradients must flow to every weight."""
+    model, _ = tiny_pair(seed=14)
+    model.train()
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(2, 16, 2, 4, 4, generator=g)
+    model(x, torch.tensor([10.0, 800.0]), prompts(g)).square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert missing == []
