@@ -81,7 +81,7 @@ class ZoetropeVideoNoise:
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def noise(self, vae: Loaded, width: int, height: int, frames: int, batch: int, seed: int, unique_id=None):
-        from zoetrope.pipeline.generate import plan, seeded_noise
+        from ..pipeline.generate import plan, seeded_noise
         p = plan(vae.module, frames, width, height)
         for note in p.notes:
             host.notice(note, unique_id)
@@ -137,8 +137,8 @@ class ZoetropeSampler:
                shift: float = 0.0, solver: str = "auto", denoise: float = 1.0, first_frame=None, video=None,
                low_noise_model: Loaded | None = None):
         import torch
-        from zoetrope.pipeline import generate as gen
-        from zoetrope.pipeline import sampling
+        from ..pipeline import generate as gen
+        from ..pipeline import sampling
 
         dit = model.module
         rec = model.defaults

@@ -42,7 +42,7 @@ def _check_choice(folder: str, name: str):
 
 def _file(folder: str, name: str, builtin_path):
     if name == BUILTIN:
-        from zoetrope.pipeline import builtin
+        from ..pipeline import builtin
         if not builtin.available():
             raise FileNotFoundError(
                 f"the built-in model's weights are missing from {builtin.FOLDER}; reinstall Zoetrope, or train them "
@@ -61,7 +61,7 @@ def _facts(handle: Loaded) -> dict:
 
 
 def _load(kind: str, folder: str, name: str, precision: str, device: str, builtin_path) -> Loaded:
-    from zoetrope import pipeline
+    from .. import pipeline
     path = _file(folder, name, builtin_path)
     dev = host.compute_device(device)
     offload = host.offload_device(dev)
@@ -101,7 +101,7 @@ class ZoetropeModelLoader:
         return _check_choice("diffusion_models", model_name)
 
     def load(self, model_name, precision="auto", device="auto"):
-        from zoetrope.pipeline import builtin
+        from ..pipeline import builtin
         handle = _load("transformer", "diffusion_models", model_name, precision, device, lambda: builtin.TRANSFORMER)
         handle.latent = latent_format(handle.module, model_name)
         handle.defaults = recommended(handle.module, model_name)
@@ -132,7 +132,7 @@ class ZoetropeTextEncoderLoader:
         return _check_choice("text_encoders", text_encoder_name)
 
     def load(self, text_encoder_name, precision="auto", device="auto"):
-        from zoetrope.pipeline import builtin
+        from ..pipeline import builtin
         handle = _load("text_encoder", "text_encoders", text_encoder_name, precision, device,
                        lambda: builtin.TEXT_ENCODER)
         return {"ui": {"zoetrope_model": [_facts(handle)]}, "result": (handle,)}
@@ -163,6 +163,6 @@ class ZoetropeVAELoader:
         return _check_choice("vae", vae_name)
 
     def load(self, vae_name, precision="auto", device="auto"):
-        from zoetrope.pipeline import builtin
+        from ..pipeline import builtin
         handle = _load("vae", "vae", vae_name, precision, device, lambda: builtin.VAE)
         return {"ui": {"zoetrope_model": [_facts(handle)]}, "result": (handle,)}

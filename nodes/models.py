@@ -88,7 +88,7 @@ def _torch_module(module):
 
 def move(module, device) -> None:
     """module.to(device), carrying along fp8 weight scales, which are plain attributes rather than buffers."""
-    from zoetrope.pipeline import ops
+    from ..pipeline import ops
     net = _torch_module(module)
     first = next(net.parameters(), None)
     if first is None or first.device == device:
@@ -120,7 +120,7 @@ def store_fp8(module) -> int:
     """Keep the blocks' Linear weights in float8_e4m3fn (up-cast per layer in forward). Weights that
     are fp8 already are left alone. Returns how many layers changed."""
     import torch
-    from zoetrope.pipeline import ops
+    from ..pipeline import ops
     fp8 = getattr(torch, "float8_e4m3fn", None)
     if fp8 is None:
         raise RuntimeError(f"this PyTorch ({torch.__version__}) has no float8_e4m3fn; choose bf16 or fp16")
@@ -139,8 +139,8 @@ def store_fp8(module) -> int:
 
 def latent_format(dit, name: str) -> LatentFormat:
     """The latent space a transformer samples in, chosen from what the weights are (never from a flag)."""
-    from zoetrope.pipeline import builtin
-    from zoetrope.pipeline.config import WAN21_VAE, WAN22_VAE
+    from ..pipeline import builtin
+    from ..pipeline.config import WAN21_VAE, WAN22_VAE
     info = getattr(dit, "info", None)
     family = getattr(info, "family", None)
     if name == BUILTIN or family == BUILTIN:
@@ -162,7 +162,7 @@ def latent_format(dit, name: str) -> LatentFormat:
 
 def builtin_latent_format(vae_path) -> LatentFormat:
     """The built-in VAE's statistics, read from its file's header (no weights are loaded)."""
-    from zoetrope.pipeline import checkpoints
+    from ..pipeline import checkpoints
     header = checkpoints.read_header(vae_path)
     config = json.loads(header.metadata.get(checkpoints.METADATA_KEY, "{}"))
     mean, std = config.get("latents_mean"), config.get("latents_std")
@@ -174,7 +174,7 @@ def builtin_latent_format(vae_path) -> LatentFormat:
 
 def recommended(dit, name: str) -> dict:
     """The sampling settings the model's authors recommend: frames, width, height, steps, cfg, shift, solver, fps."""
-    from zoetrope.pipeline import builtin
+    from ..pipeline import builtin
     info = getattr(dit, "info", None)
     if name == BUILTIN or getattr(info, "family", None) == BUILTIN:
         return dict(builtin.DEFAULTS)

@@ -39,7 +39,7 @@ class ZoetropeSaveVideo:
 
     def save(self, frames, fps: float = 16.0, format: str = "mp4", crf: int = 19,
              filename_prefix: str = "Zoetrope/video", prompt=None, extra_pnginfo=None):
-        from zoetrope.pipeline.video_io import write_video
+        from ..pipeline.video_io import write_video
         if format not in FORMATS:
             raise ValueError(f"format {format!r} is not one of {', '.join(FORMATS)}")
         if frames.ndim == 3:

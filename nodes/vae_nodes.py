@@ -90,7 +90,7 @@ class ZoetropeVAEDecode:
 
     def decode(self, vae: Loaded, latent, tile_size: int = 0, overlap: int = 64):
         import torch
-        from zoetrope.pipeline.generate import video_to_frames
+        from ..pipeline.generate import video_to_frames
         z = latent["samples"]
         if z.ndim == 4:                      # a core image latent [B, C, H, W] is one frame
             z = z[:, :, None]
@@ -142,7 +142,7 @@ class ZoetropeVAEEncode:
 
     def encode(self, vae: Loaded, image, width: int = 0, height: int = 0, unique_id=None):
         import torch
-        from zoetrope.pipeline.generate import fit_video, frames_to_video, plan
+        from ..pipeline.generate import fit_video, frames_to_video, plan
         if image.ndim == 3:
             image = image[None]
         if image.ndim != 4 or image.shape[-1] < 3:
