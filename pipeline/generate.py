@@ -144,10 +144,7 @@ def sample(dit, noise: torch.Tensor, cond: list[torch.Tensor], uncond: list[torc
     model = make_denoiser(dit, cond, uncond, cfg, integer_timesteps=(solver == "unipc"), pinned=pinned,
                           pinned_mask=pinned_mask, image_condition=image_condition, experts=experts,
                           should_stop=should_stop)
-    callback = None
-    if progress is not None:
-        def callback(step, total, x_now, x0_est):
-            progress(step, total, x0_est)
+    callback = None if progress is None else (lambda step, total, x_now, x0_est: progress(step, total, x0_est))
     if len(sigmas) > 1:
         x = sampling.SOLVERS[solver](model, x, sigmas, callback=callback)
     if pinned is not None:

@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import copy
 import io
-import json
 import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -339,6 +338,8 @@ def _cosine(step: int, total: int, peak: float, warmup: int) -> float:
 def export(out: Path, vae: WanVAE, vae_stats, dit: WanModel, text_encoder: TextEncoder, te_config, spiece: bytes):
     """Write the three files in the official layouts our loaders read, configs in the header metadata."""
     from safetensors.torch import save_file
+
+    from ..checkpoints import config_metadata
     out.mkdir(parents=True, exist_ok=True)
     mean, std = vae_stats
     vae_cfg = replace(VAE_CONFIG, latents_mean=tuple(mean), latents_std=tuple(std))
@@ -347,15 +348,14 @@ def export(out: Path, vae: WanVAE, vae_stats, dit: WanModel, text_encoder: TextE
         return {k: v.detach().to(torch.bfloat16 if v.is_floating_point() else v.dtype).contiguous().cpu()
                 for k, v in sd.items()}
 
-    def meta(cfg):
-        return {"zoetrope.config": json.dumps(asdict(cfg)), "zoetrope.family": "builtin"}
-
     from .. import builtin
-    save_file(half(vae.state_dict()), str(out / builtin.VAE.name), metadata=meta(vae_cfg))
-    save_file(half(dit.state_dict()), str(out / builtin.TRANSFORMER.name), metadata=meta(DIT_CONFIG))
+    name = "Zoetrope built-in (Shapes World)"
+    save_file(half(vae.state_dict()), str(out / builtin.VAE.name), metadata=config_metadata(vae_cfg, "builtin", name))
+    save_file(half(dit.state_dict()), str(out / builtin.TRANSFORMER.name),
+              metadata=config_metadata(DIT_CONFIG, "builtin", name, **builtin.DEFAULTS))
     te_sd = half(text_encoder.encoder.state_dict())
     te_sd["spiece_model"] = torch.frombuffer(bytearray(spiece), dtype=torch.uint8)
-    save_file(te_sd, str(out / builtin.TEXT_ENCODER.name), metadata=meta(te_config))
+    save_file(te_sd, str(out / builtin.TEXT_ENCODER.name), metadata=config_metadata(te_config, "builtin", name))
 
 
 def main(argv=None) -> int:
