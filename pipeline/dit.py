@@ -5,8 +5,9 @@ are the official checkpoint keys one to one, and the same numerics: the timestep
 first, time embedding, norms, modulation, the residual stream and the output head in float32; everything else
 (projections, attention, FFN) in the compute dtype of the weights.
 
-Differences from the official code, all invisible in the output:
-- RoPE tables are built once per latent grid (and cached) instead of in float64 inside every block.
+Differences from the official code, none larger than float32 rounding:
+- RoPE tables are built once per latent grid (and cached), and applied in float32 rather than float64 inside
+  every block.
 - Per-token timesteps (Wan 2.2 TI2V) are embedded once per distinct value and gathered per token, so a
   [B, L] timestep costs a few rows of time embedding instead of B*L rows of float64 and float32.
 - All sequences in a batch share one grid, so there is no per-sample loop or padding to `seq_len`.
