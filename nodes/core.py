@@ -58,7 +58,7 @@ class LoadImage:
 
 class ImageInvert:
     DESCRIPTION = "Inverts the colours of every image."
-    CATEGORY = "image"
+    CATEGORY = "image/color"
     FUNCTION = "invert"
     RETURN_TYPES = ("IMAGE",)
 

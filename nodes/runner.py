@@ -85,25 +85,31 @@ def widget_slots(cls) -> list[str | None]:
 
 
 def object_info(classes: dict[str, type] | None = None) -> dict[str, dict]:
-    """Node definitions in the shape of ComfyUI's /object_info, for a test backend serving the real frontend."""
+    """Node definitions in the shape of ComfyUI's /object_info (server.py node_info), for a test backend that
+    serves the real frontend without ComfyUI."""
     classes = node_classes() if classes is None else classes
     info = {}
     for name, cls in classes.items():
         types = cls.INPUT_TYPES()
-        info[name] = {
+        entry = {
             "input": types,
-            "input_order": {k: list(v) for k, v in types.items() if k in ("required", "optional")},
+            "input_order": {section: list(inputs) for section, inputs in types.items()},
+            "is_input_list": getattr(cls, "INPUT_IS_LIST", False),
             "output": list(cls.RETURN_TYPES),
-            "output_is_list": [False] * len(cls.RETURN_TYPES),
-            "output_name": list(getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES),
-            "output_tooltips": list(getattr(cls, "OUTPUT_TOOLTIPS", ())),
+            "output_is_list": list(getattr(cls, "OUTPUT_IS_LIST", [False] * len(cls.RETURN_TYPES))),
+            "output_name": list(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)),
             "name": name,
             "display_name": display_name(name),
             "description": getattr(cls, "DESCRIPTION", ""),
             "python_module": "custom_nodes.zoetrope" if name.startswith("Zoetrope") else "nodes",
-            "category": getattr(cls, "CATEGORY", ""),
+            "category": getattr(cls, "CATEGORY", "sd"),
             "output_node": bool(getattr(cls, "OUTPUT_NODE", False)),
+            "has_intermediate_output": False,
+            "search_aliases": list(getattr(cls, "SEARCH_ALIASES", [])),
         }
+        if hasattr(cls, "OUTPUT_TOOLTIPS"):
+            entry["output_tooltips"] = list(cls.OUTPUT_TOOLTIPS)
+        info[name] = entry
     return info
 
 
