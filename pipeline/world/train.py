@@ -43,14 +43,14 @@ VAE_CONFIG = VAEConfig(dim=32, dec_dim=32, z_dim=16, dim_mult=(1, 2, 4), num_res
                        temporal_downsample=(True, True))
 TEXT_CONFIG = TextEncoderConfig(vocab_size=256, dim=128, dim_attn=128, dim_ffn=256, num_heads=4, num_layers=2,
                                 num_buckets=32, max_distance=64)
-DIT_CONFIG = DiTConfig(dim=256, ffn_dim=1024, num_heads=4, num_layers=6, in_dim=16, out_dim=16,
+DIT_CONFIG = DiTConfig(dim=192, ffn_dim=768, num_heads=3, num_layers=6, in_dim=16, out_dim=16,
                        text_dim=TEXT_CONFIG.dim, text_len=48, freq_dim=256)
 
 
 @dataclass(frozen=True)
 class Budget:
     """Steps per stage. The defaults fit the 3-hour budget of a 2-core CPU; --smoke runs seconds."""
-    vae_steps: int = 4000
+    vae_steps: int = 3000
     vae_batch: int = 12
     vae_frames: int = 5
     vae_crop: int = 32
@@ -367,6 +367,8 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="a few steps of every stage (seconds), for tests")
     for f in ("vae_steps", "dit_steps", "pool_clips", "dit_batch", "vae_batch"):
         ap.add_argument("--" + f.replace("_", "-"), type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads (default: all cores; 1 is faster when other programs share the cores)")
     ap.add_argument("--stop-after", choices=("vae", "latents", "transformer"), default=None,
                     help="stop after this stage (look at its results; the next run resumes from there)")
     args = ap.parse_args(argv)
@@ -380,6 +382,8 @@ def main(argv=None) -> int:
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = _device()
     log.info("train-builtin seed %d on %s, budget %s", args.seed, device, budget)
 
