@@ -163,6 +163,9 @@ class ZoetropeSampler:
 
         first_latent = None
         if first_frame is not None:
+            if getattr(getattr(model.info, "variant", None), "kind", None) == "t2v":
+                log.warning("Zoetrope: %s was trained for text-to-video only; a pinned first frame works best with "
+                            "Wan 2.2 TI2V 5B or the built-in model", model.label)
             z = _latent_samples(first_frame, "first_frame")
             _check_same_geometry(z, noise, "first_frame", frames=False)
             first_latent = fmt.normalize(z[:, :, :1])

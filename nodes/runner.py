@@ -151,6 +151,7 @@ def ui_to_api(workflow: dict, classes: dict[str, type] | None = None) -> dict[st
     classes = node_classes() if classes is None else classes
     nodes = {str(n["id"]): n for n in workflow["nodes"]}
     links = _links(workflow)
+    subgraphs = {g.get("id") for g in ((workflow.get("definitions") or {}).get("subgraphs") or [])}
     api, problems = {}, []
 
     def source(link_id, target: dict, name: str, seen=()):
@@ -188,8 +189,12 @@ def ui_to_api(workflow: dict, classes: dict[str, type] | None = None) -> dict[st
         cls = classes.get(kind)
         if cls is None:
             title = f" titled {node['title']!r}" if node.get("title") else ""
-            problems.append(f"node {node_id}{title} is of type {kind!r}, which the runner does not have"
-                            f"{_origin_note(node)}")
+            if kind in subgraphs:
+                problems.append(f"node {node_id}{title} is a subgraph, which the runner does not expand yet: unpack "
+                                "it in the editor (right-click > Unpack Subgraph) and save again")
+            else:
+                problems.append(f"node {node_id}{title} is of type {kind!r}, which the runner does not have"
+                                f"{_origin_note(node)}")
             continue
         slots = widget_slots(cls)
         values = node.get("widgets_values")
@@ -291,7 +296,8 @@ def _id_order(node_id: str):
 # Validation
 
 def validate(api: dict, classes: dict[str, type] | None = None) -> list[str]:
-    """Check every node before anything runs; raises WorkflowError listing all problems. Returns the output nodes."""
+    """Check every node before anything runs; raises WorkflowError listing all problems. Widgets a workflow saved
+    by an older version of a node lacks get their defaults (in place). Returns the output nodes."""
     classes = node_classes() if classes is None else classes
     problems = []
     for node_id in sorted(api, key=_id_order):

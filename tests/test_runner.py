@@ -303,3 +303,13 @@ def test_object_info_describes_every_node():
     assert noise["output"] == ["LATENT"] and noise["category"] == "Zoetrope"
     assert info["ZoetropeSaveVideo"]["output_node"] is True
     assert {"LoadImage", "ImageInvert", "ImageScale"} <= set(info)
+
+
+def test_subgraph_nodes_are_named_as_such():
+    g = small_graph()
+    uuid = "6c3a9d3e-0000-4000-8000-000000000001"
+    g.nodes[6]["type"] = uuid
+    wf = g.json()
+    wf["definitions"] = {"subgraphs": [{"id": uuid, "nodes": [], "links": []}]}
+    with pytest.raises(WorkflowError, match="node 7 is a subgraph, which the runner does not expand"):
+        ui_to_api(wf)
