@@ -52,7 +52,6 @@ class Budget:
     """Steps per stage. The defaults fit the 3-hour budget of a 2-core CPU; --smoke runs seconds."""
     vae_steps: int = 3000
     vae_batch: int = 12
-    vae_frames: int = 5
     vae_crop: int = 32
     pool_clips: int = 12000
     dit_steps: int = 8000
@@ -150,7 +149,10 @@ def train_vae(work: Path, budget: Budget, seed: int, device: torch.device, progr
         lr = _cosine(step, budget.vae_steps, budget.lr_vae, warmup=100)
         for g in opt.param_groups:
             g["lr"] = lr
-        frames = budget.vae_frames if rng.random() < 0.8 else 1
+        # Single frames, and clips of two and three chunks: later chunks read the causal cache of an earlier
+        # chunk that was itself not the first, which a 5-frame clip never shows the decoder.
+        r = rng.random()
+        frames = 1 if r < 0.1 else (5 if r < 0.6 else 9)
         # Mostly crops around objects; every fourth step whole frames, so the borders and the mid-block's
         # attention also see the full picture.
         whole = step % 4 == 3
