@@ -12,72 +12,105 @@ import time
 
 def _generate(argv) -> int:
     ap = argparse.ArgumentParser(prog="zoetrope generate", description="Make a video from a prompt. With no model "
-                                 "flags it uses the built-in model (runs on a CPU in seconds).")
+                                 "flags it uses the built-in model (runs on a CPU in seconds). It runs the same node "
+                                 "graph as the text-to-video workflow, and the file carries that graph: drop it on "
+                                 "ComfyUI to get the graph back.")
     ap.add_argument("prompt")
-    ap.add_argument("-o", "--output", default="zoetrope.mp4", help="mp4, webm, webp or gif (default %(default)s)")
+    ap.add_argument("-o", "--output", default="zoetrope.mp4", help="mp4, webm, webp or gif (default %(default)s); "
+                    "an existing file is kept and the next free name is used")
     ap.add_argument("--negative", default="", help="negative prompt")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--frames", type=int, default=None, help="4k+1 frames (others are rounded)")
     ap.add_argument("--width", type=int, default=None)
     ap.add_argument("--height", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--cfg", type=float, default=None, help="guidance scale")
+    ap.add_argument("--steps", type=int, default=None, help="default: the model's recommendation")
+    ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
     ap.add_argument("--shift", type=float, default=None, help="flow shift of the sigma schedule")
     ap.add_argument("--solver", choices=("unipc", "euler"), default=None)
-    ap.add_argument("--fps", type=int, default=None)
+    ap.add_argument("--fps", type=float, default=None)
     ap.add_argument("--image", default=None, help="a first frame (PNG/JPEG) for image-to-video")
     ap.add_argument("--model", default=None, help="transformer file (diffusion_models)")
     ap.add_argument("--vae", default=None, help="VAE file")
     ap.add_argument("--text-encoder", default=None, help="text-encoder file (umT5)")
-    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the best available)")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"))
     args = ap.parse_args(argv)
+    if args.model is None and (args.vae or args.text_encoder):
+        ap.error("--vae and --text-encoder go with --model; without --model the built-in model is used")
+    if args.model is not None and not (args.vae and args.text_encoder):
+        ap.error("--model needs --vae and --text-encoder too (the files from ComfyUI's vae/ and text_encoders/ "
+                 "folders)")
+    import shutil
+    import tempfile
+    from pathlib import Path
 
-    from .pipeline import generate as gen
-    from .pipeline import load_text_encoder, load_transformer, load_vae
-    from .pipeline.builtin import DEFAULTS, TEXT_ENCODER, TRANSFORMER, VAE
-    from .pipeline.video_io import write_video
+    from .nodes.runner import NodeError, WorkflowError, run_workflow, saved_files
+    from .pipeline.video_io import FORMATS, free_path
 
+    out = Path(args.output)
+    fmt = out.suffix.lower().lstrip(".")
+    if fmt not in FORMATS:
+        ap.error(f"cannot write {out.name!r}: the formats are {', '.join(FORMATS)}")
     t0 = time.time()
-    builtin = args.model is None
-    if builtin and (args.vae or args.text_encoder):
-        raise SystemExit("--vae and --text-encoder go with --model; without --model the built-in model is used")
-    if not builtin and not (args.vae and args.text_encoder):
-        raise SystemExit("--model needs --vae and --text-encoder too (the files from ComfyUI's vae/ and "
-                         "text_encoders/ folders)")
-    import torch
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    dit = load_transformer(args.model or TRANSFORMER, device=device, dtype=dtype)
-    vae = load_vae(args.vae or VAE, device=device, dtype=dtype)
-    te = load_text_encoder(args.text_encoder or TEXT_ENCODER, device=device, dtype=dtype)
-    defaults = DEFAULTS if builtin else _variant_defaults(dit)
-    settings = {k: (getattr(args, k) if getattr(args, k) is not None else defaults[k])
-                for k in ("frames", "width", "height", "steps", "cfg", "shift", "solver", "fps")}
-    if builtin:
-        unknown = te.tokenizer.unknown_words(args.prompt)
-        if unknown:
-            logging.warning("the built-in model does not know the words %s; it will do what it can",
-                            ", ".join(repr(w) for w in unknown))
-    first = None
-    if args.image:
-        from PIL import Image
-        import numpy as np
-        first = torch.from_numpy(np.asarray(Image.open(args.image).convert("RGB"))).float()[None] / 255
-    fps = settings.pop("fps")
-    frames = gen.generate(dit, vae, te, args.prompt, negative_prompt=args.negative, seed=args.seed,
-                          first_frame=first, **settings)
-    path = write_video(frames, args.output, fps=fps)
-    print(f"wrote {path} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, {fps} fps) "
-          f"in {time.time() - t0:.1f} s")
+    graph = text_to_video_graph(args, fmt)
+    with tempfile.TemporaryDirectory(prefix="zoetrope-") as tmp:
+        try:
+            uis = run_workflow(graph, output_dir=tmp, input_dir=str(Path(args.image).resolve().parent)
+                               if args.image else None, progress=sys.stderr.isatty())
+        except (WorkflowError, NodeError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        made = saved_files(uis, Path(tmp))[0]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        target = free_path(out)
+        shutil.move(str(made), target)
+    if target != out:
+        print(f"{out} exists: kept it and wrote {target} instead", file=sys.stderr)
+    print(f"wrote {target} in {time.time() - t0:.1f} s")
     return 0
 
 
-def _variant_defaults(dit) -> dict:
-    v = getattr(getattr(dit, "info", None), "variant", None)
-    if v is None:
-        return dict(frames=33, width=480, height=480, steps=30, cfg=5.0, shift=5.0, solver="unipc", fps=16)
-    return dict(frames=v.frames, width=v.width, height=v.height, steps=v.steps, cfg=v.cfg, shift=v.shift,
-                solver="unipc", fps=v.fps)
+def text_to_video_graph(args, fmt: str) -> dict:
+    """The API-format graph of the built-in text-to-video workflow (image-to-video with --image), filled in from
+    the command line. 0 / "auto" widgets take the model's recommended settings."""
+    from .pipeline.builtin import DEFAULTS
+
+    def pick(value, default):
+        return default if value is None else value
+
+    builtin = args.model is None
+    size_default = DEFAULTS if builtin else {"width": 832, "height": 480, "frames": 33, "fps": 16}
+    g = {
+        "1": {"class_type": "ZoetropeModelLoader",
+              "inputs": {"model_name": args.model or "builtin", "precision": "auto", "device": args.device}},
+        "2": {"class_type": "ZoetropeTextEncoderLoader",
+              "inputs": {"text_encoder_name": args.text_encoder or "builtin", "precision": "auto",
+                         "device": args.device}},
+        "3": {"class_type": "ZoetropeVAELoader",
+              "inputs": {"vae_name": args.vae or "builtin", "precision": "auto", "device": args.device}},
+        "4": {"class_type": "ZoetropeTextEncode", "inputs": {"text_encoder": ["2", 0], "text": args.prompt}},
+        "5": {"class_type": "ZoetropeTextEncode", "inputs": {"text_encoder": ["2", 0], "text": args.negative}},
+        "6": {"class_type": "ZoetropeVideoNoise",
+              "inputs": {"vae": ["3", 0], "width": pick(args.width, size_default["width"]),
+                         "height": pick(args.height, size_default["height"]),
+                         "frames": pick(args.frames, size_default["frames"]), "batch": 1, "seed": args.seed}},
+        "7": {"class_type": "ZoetropeSampler",
+              "inputs": {"model": ["1", 0], "positive": ["4", 0], "negative": ["5", 0], "latent": ["6", 0],
+                         "steps": pick(args.steps, 0), "cfg": pick(args.cfg, 0.0), "shift": pick(args.shift, 0.0),
+                         "solver": pick(args.solver, "auto"), "denoise": 1.0}},
+        "8": {"class_type": "ZoetropeVAEDecode",
+              "inputs": {"vae": ["3", 0], "latent": ["7", 0], "tile_size": 0, "overlap": 32}},
+        "9": {"class_type": "ZoetropeSaveVideo",
+              "inputs": {"frames": ["8", 0], "fps": float(pick(args.fps, size_default["fps"])), "format": fmt,
+                         "crf": 19, "filename_prefix": "zoetrope"}},
+    }
+    if args.image:
+        from pathlib import Path
+        g["10"] = {"class_type": "LoadImage", "inputs": {"image": Path(args.image).name}}
+        g["11"] = {"class_type": "ZoetropeVAEEncode",
+                   "inputs": {"vae": ["3", 0], "image": ["10", 0], "width": g["6"]["inputs"]["width"],
+                              "height": g["6"]["inputs"]["height"]}}
+        g["7"]["inputs"]["first_frame"] = ["11", 0]
+    return g
 
 
 def _inspect(argv) -> int:

@@ -143,11 +143,12 @@ def latent_format(dit, name: str) -> LatentFormat:
     from ..pipeline.config import WAN21_VAE, WAN22_VAE
     info = getattr(dit, "info", None)
     family = getattr(info, "family", None)
-    if name == BUILTIN or family == BUILTIN:
-        return builtin_latent_format(builtin.VAE)
+    # A custom model (the built-in one included) records its VAE's statistics in its own file.
     settings = getattr(info, "settings", None) or {}
     if settings.get("latents_mean") and settings.get("latents_std"):
         return LatentFormat(f"{family} latents", tuple(settings["latents_mean"]), tuple(settings["latents_std"]))
+    if name == BUILTIN or family == BUILTIN:
+        return builtin_latent_format(builtin.VAE)
     variant = getattr(info, "variant", None)
     released = {"wan2.1": WAN21_VAE, "wan2.2": WAN22_VAE}
     vae = released.get(getattr(variant, "vae", None)) or {16: WAN21_VAE, 48: WAN22_VAE}.get(dit.config.out_dim)

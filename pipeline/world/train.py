@@ -354,7 +354,8 @@ def export(out: Path, vae: WanVAE, vae_stats, dit: WanModel, text_encoder: TextE
     name = "Zoetrope built-in (Shapes World)"
     save_file(half(vae.state_dict()), str(out / builtin.VAE.name), metadata=config_metadata(vae_cfg, "builtin", name))
     save_file(half(dit.state_dict()), str(out / builtin.TRANSFORMER.name),
-              metadata=config_metadata(DIT_CONFIG, "builtin", name, **builtin.DEFAULTS))
+              metadata=config_metadata(DIT_CONFIG, "builtin", name, latents_mean=list(mean), latents_std=list(std),
+                                       **builtin.DEFAULTS))
     te_sd = half(text_encoder.encoder.state_dict())
     te_sd["spiece_model"] = torch.frombuffer(bytearray(spiece), dtype=torch.uint8)
     save_file(te_sd, str(out / builtin.TEXT_ENCODER.name), metadata=config_metadata(te_config, "builtin", name))
