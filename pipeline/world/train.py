@@ -50,13 +50,15 @@ DIT_CONFIG = DiTConfig(dim=192, ffn_dim=768, num_heads=3, num_layers=6, in_dim=1
 @dataclass(frozen=True)
 class Budget:
     """Steps per stage. The defaults fit the 3-hour budget of a 2-core CPU; --smoke runs seconds."""
-    vae_steps: int = 3000
+    vae_steps: int = 1800
+    decoder_steps: int = 2500
     vae_batch: int = 12
     vae_crop: int = 32
     pool_clips: int = 12000
     dit_steps: int = 8000
     dit_batch: int = 32
     lr_vae: float = 6e-4
+    lr_decoder: float = 3e-4
     lr_dit: float = 4e-4
     i2v_share: float = 0.25      # share of training clips with a pinned clean first frame
     uncond_share: float = 0.1    # share trained with an empty prompt, for classifier-free guidance
@@ -64,7 +66,7 @@ class Budget:
     stats_clips: int = 64        # clips whose latents give the per-channel mean and std
 
 
-SMOKE = Budget(vae_steps=3, vae_batch=2, pool_clips=8, dit_steps=3, dit_batch=4, stats_clips=4)
+SMOKE = Budget(vae_steps=3, decoder_steps=2, vae_batch=2, pool_clips=8, dit_steps=3, dit_batch=4, stats_clips=4)
 
 SIZE, FRAMES = 64, 17
 
@@ -131,11 +133,33 @@ def _object_weight(video: torch.Tensor) -> torch.Tensor:
 
 
 def train_vae(work: Path, budget: Budget, seed: int, device: torch.device, progress) -> WanVAE:
-    stage = Stage(work, "vae")
+    """Stage 1: encoder and decoder together, on 1-, 5- and 9-frame clips (mostly crops around objects)."""
     torch.manual_seed(seed)
     vae = WanVAE(VAE_CONFIG).to(device)
-    opt = torch.optim.AdamW(vae.parameters(), lr=budget.lr_vae, weight_decay=1e-4, betas=(0.9, 0.99))
-    step, rng = 0, np.random.default_rng(seed)
+    # Single frames, and clips of two and three chunks: later chunks read the causal cache of an earlier chunk
+    # that was itself not the first, which a 5-frame clip never shows the decoder.
+    frames = ((1, 0.1), (5, 0.5), (9, 0.4))
+    return _fit_autoencoder(Stage(work, "vae"), vae, list(vae.parameters()), budget.vae_steps, budget.lr_vae,
+                            frames, budget, np.random.default_rng(seed), device, progress)
+
+
+def train_decoder(work: Path, vae: WanVAE, budget: Budget, seed: int, device: torch.device, progress) -> WanVAE:
+    """Stage 2: the decoder alone, the encoder frozen, on longer clips. The latent space no longer moves, so the
+    transformer stages can run at the same time (`--only decoder` and `--only transformer` in two shells)."""
+    vae = copy.deepcopy(vae)
+    vae.encoder.requires_grad_(False)
+    vae.conv1.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.conv2.parameters())
+    frames = ((5, 0.3), (9, 0.4), (17, 0.3))
+    return _fit_autoencoder(Stage(work, "decoder"), vae, params, budget.decoder_steps, budget.lr_decoder, frames,
+                            budget, np.random.default_rng(seed + 5), device, progress, frozen_encoder=True)
+
+
+def _fit_autoencoder(stage: Stage, vae: WanVAE, params: list, steps: int, peak_lr: float, frames, budget: Budget,
+                     rng: np.random.Generator, device, progress, frozen_encoder: bool = False) -> WanVAE:
+    """Reconstruction training: object-weighted L1 + L2, a small latent penalty, noise on the latent."""
+    opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=1e-4, betas=(0.9, 0.99))
+    step = 0
     state = stage.load()
     if state is not None:
         vae.load_state_dict(state["model"])
@@ -144,23 +168,24 @@ def train_vae(work: Path, budget: Budget, seed: int, device: torch.device, progr
         if stage.done:
             return vae.eval()
     vae.train()
-    last_save, bar = time.time(), progress(budget.vae_steps, "vae", step)
-    while step < budget.vae_steps:
-        lr = _cosine(step, budget.vae_steps, budget.lr_vae, warmup=100)
+    if frozen_encoder:
+        vae.encoder.eval()
+    counts, weights = zip(*frames)
+    last_save, bar = time.time(), progress(steps, stage.name, step)
+    while step < steps:
+        lr = _cosine(step, steps, peak_lr, warmup=100)
         for g in opt.param_groups:
             g["lr"] = lr
-        # Single frames, and clips of two and three chunks: later chunks read the causal cache of an earlier
-        # chunk that was itself not the first, which a 5-frame clip never shows the decoder.
-        r = rng.random()
-        frames = 1 if r < 0.1 else (5 if r < 0.6 else 9)
+        t = int(rng.choice(counts, p=weights))
         # Mostly crops around objects; every fourth step whole frames, so the borders and the mid-block's
-        # attention also see the full picture.
+        # attention also see the full picture. Longer clips get smaller batches: about the same pixels a step.
         whole = step % 4 == 3
-        video, _ = _clips(rng, budget.vae_batch // 2 if whole else budget.vae_batch, frames,
-                          crop=None if whole else budget.vae_crop)
+        batch = max(1, budget.vae_batch * 5 // max(t, 5) // (2 if whole else 1))
+        video, _ = _clips(rng, batch, t, crop=None if whole else budget.vae_crop)
         video = video.to(device)
         with _autocast(device):
-            mu = vae.encode(video)
+            with torch.set_grad_enabled(not frozen_encoder):
+                mu = vae.encode(video)
             # Noise on the latent (a tenth of its spread) keeps the decoder tolerant of the small errors a
             # sampler leaves; scaling it by the spread stops the encoder from simply outgrowing it.
             z = mu + 0.1 * mu.detach().float().std() * torch.randn_like(mu)
@@ -169,16 +194,16 @@ def train_vae(work: Path, budget: Budget, seed: int, device: torch.device, progr
         loss = (w * (recon - video).abs()).mean() + (w * (recon - video) ** 2).mean() + 1e-4 * mu.float().pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
         if step % 100 == 0:
-            log.info("vae step %d loss %.5f", step, loss.item())
-        if time.time() - last_save > 180 or step == budget.vae_steps:
+            log.info("%s step %d loss %.5f", stage.name, step, loss.item())
+        if time.time() - last_save > 180 or step == steps:
             stage.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "rng": rng},
-                       done=step == budget.vae_steps)
+                       done=step == steps)
             last_save = time.time()
     bar.close()
     return vae.eval()
@@ -245,6 +270,18 @@ def encode_pool(work: Path, vae: WanVAE, budget: Budget, seed: int, device, prog
     return state
 
 
+def _latest(stage: Stage, vae: WanVAE) -> WanVAE:
+    """The VAE with the decoder stage's weights when that stage has a checkpoint (finished or not)."""
+    state = stage.load()
+    if state is None:
+        return vae
+    out = copy.deepcopy(vae)
+    out.load_state_dict(state["model"])
+    if not stage.done:
+        log.warning("exporting the decoder of an unfinished decoder stage (step %d)", state["step"])
+    return out.eval()
+
+
 def _pool_scene(seed: int, i: int):
     rng = np.random.default_rng([seed, i])
     return world.sample_scene(rng, 1 if rng.random() < 0.55 else 2)
@@ -269,7 +306,12 @@ def train_transformer(work: Path, pool: dict, spiece: bytes, budget: Budget, see
         ema["encoder"].load_state_dict(state["ema_encoder"])
         opt.load_state_dict(state["opt"])
         step, rng = state["step"], state["rng"]
-    if stage.done:
+    if pool is None:       # --only export: take the latest checkpoint, finished or not
+        if state is None:
+            raise SystemExit(f"nothing to export: {stage.path} does not exist; train the transformer first")
+        if not stage.done:
+            log.warning("exporting an unfinished transformer stage (step %d)", step)
+    if stage.done or pool is None:
         return ema["dit"], TextEncoder(ema["encoder"], tokenizer), te_config
     latents = torch.cat(pool["latents"])                                                 # [N, z, T', H', W']
     scenes = pool["scenes"]
@@ -372,8 +414,9 @@ def main(argv=None) -> int:
         ap.add_argument("--" + f.replace("_", "-"), type=int, default=None)
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads (default: all cores; 1 is faster when other programs share the cores)")
-    ap.add_argument("--stop-after", choices=("vae", "latents", "transformer"), default=None,
-                    help="stop after this stage (look at its results; the next run resumes from there)")
+    ap.add_argument("--only", choices=("vae", "decoder", "transformer", "export"), default=None,
+                    help="run one stage (after the VAE, 'decoder' and 'transformer' are independent and can run at "
+                         "the same time in two shells); 'export' writes the files from the stages' checkpoints")
     args = ap.parse_args(argv)
     budget = SMOKE if args.smoke else Budget()
     overrides = {f: getattr(args, f) for f in ("vae_steps", "dit_steps", "pool_clips", "dit_batch", "vae_batch")
@@ -396,22 +439,23 @@ def main(argv=None) -> int:
         return tqdm(total=total, initial=initial, desc=name, dynamic_ncols=True, disable=args.smoke)
 
     t0 = time.time()
+    only = args.only
     vae = train_vae(work, budget, args.seed, device, progress)
     stats = latent_stats(vae, args.seed, device, budget.stats_clips)
     vae.config = replace(vae.config, latents_mean=tuple(stats[0]), latents_std=tuple(stats[1]))
     log.info("vae done at %.1f min", (time.time() - t0) / 60)
-    if args.stop_after == "vae":
-        return 0
-    spiece = train_tokenizer(work, args.seed, TEXT_CONFIG.vocab_size)
-    pool = encode_pool(work, vae, budget, args.seed, device, progress)
-    log.info("latent pool done at %.1f min", (time.time() - t0) / 60)
-    if args.stop_after == "latents":
-        return 0
-    dit, text_encoder, te_config = train_transformer(work, pool, spiece, budget, args.seed, device, progress)
-    log.info("transformer done at %.1f min", (time.time() - t0) / 60)
-    if args.stop_after == "transformer":
-        return 0
-    export(Path(args.out), vae, stats, dit, text_encoder, te_config, spiece)
-    log.info("exported to %s after %.1f min", args.out, (time.time() - t0) / 60)
-    print(f"wrote the built-in model to {args.out} in {(time.time() - t0) / 60:.1f} min")
+    if only in (None, "decoder"):
+        decoded = train_decoder(work, vae, budget, args.seed, device, progress)
+        log.info("decoder done at %.1f min", (time.time() - t0) / 60)
+    if only in (None, "transformer", "export"):
+        spiece = train_tokenizer(work, args.seed, TEXT_CONFIG.vocab_size)
+        pool = encode_pool(work, vae, budget, args.seed, device, progress) if only != "export" else None
+        log.info("latent pool done at %.1f min", (time.time() - t0) / 60)
+        dit, text_encoder, te_config = train_transformer(work, pool, spiece, budget, args.seed, device, progress)
+        log.info("transformer done at %.1f min", (time.time() - t0) / 60)
+    if only in (None, "export"):
+        decoded = _latest(Stage(work, "decoder"), vae)
+        export(Path(args.out), decoded, stats, dit, text_encoder, te_config, spiece)
+        log.info("exported to %s after %.1f min", args.out, (time.time() - t0) / 60)
+        print(f"wrote the built-in model to {args.out} in {(time.time() - t0) / 60:.1f} min")
     return 0
