@@ -1,0 +1,115 @@
+"""The built-in model: its training command (a smoke run of every stage), its loading through the public loaders,
+and `zoetrope generate` end to end on it."""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from zoetrope import cli
+from zoetrope.pipeline import generate as gen
+from zoetrope.pipeline import load_text_encoder, load_transformer, load_vae
+from zoetrope.pipeline.video_io import read_tags, read_video
+from zoetrope.pipeline.world import scene as world
+from zoetrope.pipeline.world import train
+
+
+def test_training_smoke_run_writes_files_the_public_loaders_read(tmp_path):
+    out = tmp_path / "out"
+    assert train.main(["--smoke", "--work", str(tmp_path / "work"), "--out", str(out), "--threads", "1"]) == 0
+    names = {"zoetrope_builtin_transformer.safetensors", "zoetrope_builtin_vae.safetensors",
+             "zoetrope_builtin_text_encoder.safetensors"}
+    assert {p.name for p in out.iterdir()} == names
+    dit = load_transformer(out / "zoetrope_builtin_transformer.safetensors")
+    vae = load_vae(out / "zoetrope_builtin_vae.safetensors")
+    te = load_text_encoder(out / "zoetrope_builtin_text_encoder.safetensors")
+    assert dit.info.family == vae.info.family == te.info.family == "builtin"
+    assert dit.config == train.DIT_CONFIG
+    # The latent statistics measured in training travel in the VAE file (and in the transformer's, for samplers
+    # that have no VAE at hand).
+    assert len(vae.config.latents_mean) == vae.z_dim and all(s > 0 for s in vae.config.latents_std)
+    assert dit.info.settings["latents_mean"] == pytest.approx(list(vae.config.latents_mean))
+    # The tokenizer trained on the world's text is inside the text-encoder file and knows the world's words.
+    assert te.tokenizer.unknown_words(world.prompt(world.sample_scene(np.random.default_rng(0), 2))) == []
+    # Every stage left a finished marker, so a second run resumes instead of training again.
+    assert sorted(p.name for p in (tmp_path / "work").glob("*.done")) == [
+        "decoder.done", "latents.done", "transformer.done", "vae.done"]
+
+
+def test_an_unfinished_stage_resumes_from_its_checkpoint(tmp_path):
+    work = tmp_path / "work"
+    args = ["--smoke", "--work", str(work), "--out", str(tmp_path / "out"), "--only", "vae", "--threads", "1"]
+    train.main(args + ["--vae-steps", "2"])
+    first = torch.load(work / "vae.pt", weights_only=False)
+    assert first["step"] == 2 and (work / "vae.done").exists()
+    # A longer budget: the stage is unfinished again, and the next run continues from step 2 rather than 0.
+    (work / "vae.done").unlink()
+    train.main(args + ["--vae-steps", "3"])
+    resumed = torch.load(work / "vae.pt", weights_only=False)
+    assert resumed["step"] == 3
+    changed = [k for k in first["model"] if not torch.equal(first["model"][k], resumed["model"][k])]
+    assert changed, "the resumed run trained one more step"
+
+
+def test_builtin_model_generates_a_clip_of_the_requested_shape(builtin_model_dir):
+    dit = load_transformer(builtin_model_dir / "zoetrope_builtin_transformer.safetensors")
+    vae = load_vae(builtin_model_dir / "zoetrope_builtin_vae.safetensors")
+    te = load_text_encoder(builtin_model_dir / "zoetrope_builtin_text_encoder.safetensors")
+    frames = gen.generate(dit, vae, te, "a small red circle moving right on a black background", steps=4, seed=1)
+    assert frames.shape == (17, 64, 64, 3) and frames.dtype == torch.float32
+    assert 0 <= frames.min() and frames.max() <= 1
+    again = gen.generate(dit, vae, te, "a small red circle moving right on a black background", steps=4, seed=1)
+    assert torch.equal(frames, again)
+
+
+def test_image_to_video_keeps_the_first_frame(builtin_model_dir):
+    dit = load_transformer(builtin_model_dir / "zoetrope_builtin_transformer.safetensors")
+    vae = load_vae(builtin_model_dir / "zoetrope_builtin_vae.safetensors")
+    te = load_text_encoder(builtin_model_dir / "zoetrope_builtin_text_encoder.safetensors")
+    scene = world.sample_scene(np.random.default_rng(3), 1)
+    first = torch.from_numpy(world.render(scene, 64, 1)).float() / 255                       # [1, 64, 64, 3]
+    frames = gen.generate(dit, vae, te, world.prompt(scene), first_frame=first, steps=3, seed=2)
+    # The first latent frame is pinned, so the first decoded frame is the VAE's reconstruction of the image.
+    with torch.no_grad():
+        z = vae.encode(gen.frames_to_video(first))
+        recon = gen.video_to_frames(vae.decode(z))[0]
+    assert torch.allclose(frames[0], recon, atol=1e-4)
+
+
+def test_frame_counts_and_sizes_are_snapped_with_a_note(builtin_model_dir):
+    vae = load_vae(builtin_model_dir / "zoetrope_builtin_vae.safetensors")
+    p = gen.plan(vae, frames=16, width=70, height=60)
+    assert (p.frames, p.width, p.height) == (17, 72, 64)     # multiples of 8: the VAE stride 4 x patch 2
+    assert any("frames 16 -> 17" in n for n in p.notes) and any("width 70 -> 72" in n for n in p.notes)
+    with pytest.raises(ValueError, match="too small"):
+        gen.plan(vae, frames=17, width=4, height=64)
+
+
+def test_generate_command_writes_a_video_that_carries_its_graph(builtin_model, tmp_path, caplog):
+    out = tmp_path / "clip.mp4"
+    prompt = "a large blue square moving up on a white background"
+    assert cli.main(["generate", prompt, "-o", str(out), "--steps", "3", "--seed", "5"]) == 0
+    frames = read_video(out)
+    assert frames.shape == (17, 64, 64, 3)
+    graph = json.loads(read_tags(out)["prompt"])
+    texts = [n["inputs"]["text"] for n in graph.values() if n["class_type"] == "ZoetropeTextEncode"]
+    assert prompt in texts
+    # A second run never overwrites the first file.
+    assert cli.main(["generate", prompt, "-o", str(out), "--steps", "2"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4", "clip_00001.mp4"]
+
+
+def test_generate_warns_about_words_outside_the_world(builtin_model, tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    assert cli.main(["generate", "a small red zebra moving right on a black background", "-o",
+                     str(tmp_path / "z.gif"), "--steps", "1"]) == 0
+    assert "zebra" in caplog.text and (tmp_path / "z.gif").is_file()
+
+
+def test_generate_refuses_an_unknown_format(builtin_model, tmp_path):
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "a small red circle", "-o", str(tmp_path / "clip.avi")])
+    assert not list(tmp_path.iterdir())
