@@ -182,6 +182,8 @@ def _measure(frame: np.ndarray, labels: np.ndarray, label: int, colour: int, box
     coverage = np.clip(coverage, 0.0, 1.0)
     ys, xs = np.mgrid[top:top + crop.shape[0], left:left + crop.shape[1]] + 0.5
     total = coverage.sum()
+    if total <= 0:      # a region no closer to its colour than the background is: weigh its pixels equally
+        coverage, total = own.astype(np.float32), float(own.sum())
     centroid = (float((coverage * xs).sum() / total), float((coverage * ys).sum() / total))
     return area, float(coverage.max(0).sum()), float(coverage.max(1).sum()), centroid
 
