@@ -11,6 +11,7 @@ import logging
 
 from . import host
 from .models import Loaded, preview_image
+from .preview import sampler_preview
 
 log = logging.getLogger("zoetrope")
 
@@ -131,11 +132,11 @@ class ZoetropeSampler:
             "low_noise_model": ("ZOETROPE_MODEL", {
                 "tooltip": "Wan 2.2 A14B only: the low-noise expert. 'model' is then the high-noise expert; they "
                            "switch at the boundary timestep."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def sample(self, model: Loaded, positive, negative, latent, steps: int = 0, cfg: float = 0.0,
                shift: float = 0.0, solver: str = "auto", denoise: float = 1.0, first_frame=None, video=None,
-               low_noise_model: Loaded | None = None):
+               low_noise_model: Loaded | None = None, unique_id=None):
         import torch
         from ..pipeline import generate as gen
         from ..pipeline import sampling
@@ -201,15 +202,23 @@ class ZoetropeSampler:
                  steps, cfg, shift, solver)
         device = model.device
         to = (lambda t: None if t is None else t.to(device))
+        live = sampler_preview(model, unique_id)     # the animated preview on the page (None standalone)
+
+        def progress(step, total, x0):
+            bar.update(step, lambda: preview_image(x0))
+            if live is not None:
+                live(step, total, x0)
+
         with torch.no_grad(), host.Progress(len(sigmas) - 1, "sampling") as bar:
             try:
                 x = gen.sample(
                     net, noise.to(device), [c.to(device) for c in cond],
                     None if uncond is None else [c.to(device) for c in uncond], steps=steps, cfg=cfg, shift=shift,
                     solver=solver, first_latent=to(first_latent), init_latent=to(init_latent), denoise=denoise,
-                    experts=experts, progress=lambda step, total, x0: bar.update(step, lambda: preview_image(x0)),
-                    should_stop=host.check_interrupt)
+                    experts=experts, progress=progress, should_stop=host.check_interrupt)
             finally:
+                if live is not None:
+                    live.close()
                 for n in (net, *(experts[1:2] if experts else ())):
                     n.release()
         return ({"samples": fmt.denormalize(x).to(host.intermediate_device())},)
