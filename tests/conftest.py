@@ -90,3 +90,20 @@ def _spiece_from(folder):
     from safetensors import safe_open
     with safe_open(str(folder / "zoetrope_builtin_text_encoder.safetensors"), "pt") as f:
         return f.get_tensor("spiece_model").clone()
+
+
+@pytest.fixture
+def quiet_host(monkeypatch):
+    """The standalone host as a test found it (restored afterwards), quiet, on one thread: tiny models run
+    fastest single-threaded, and a 2-core machine shared with other work stalls on two."""
+    import dataclasses
+
+    import torch
+    from zoetrope.nodes import host
+    saved = dataclasses.replace(host._standalone)
+    monkeypatch.setenv("ZOETROPE_QUIET", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    host._standalone = saved

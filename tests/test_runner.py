@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from zoetrope.nodes import host, runner
+from zoetrope.nodes import runner
 from zoetrope.nodes.runner import WorkflowError, parse_set, ui_to_api, validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,16 +17,7 @@ T2V = ROOT / "workflows" / "zoetrope_text_to_video.json"
 TINY = ["--set", "7.width=32", "--set", "7.height=32", "--set", "7.frames=5", "--set", "8.steps=2"]
 
 
-@pytest.fixture(autouse=True)
-def quiet_host(monkeypatch):
-    import dataclasses
-    saved = dataclasses.replace(host._standalone)
-    monkeypatch.setenv("ZOETROPE_QUIET", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    host._standalone = saved
+pytestmark = pytest.mark.usefixtures("quiet_host")
 
 
 class Graph:

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-import torch
 
-from zoetrope.nodes import host, runner
+from zoetrope.nodes import runner
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
@@ -18,16 +17,7 @@ LOADER_FOLDERS = {"ZoetropeModelLoader": "diffusion_models", "ZoetropeTextEncode
                   "ZoetropeVAELoader": "vae"}
 
 
-@pytest.fixture(autouse=True)
-def quiet_host(monkeypatch):
-    import dataclasses
-    saved = dataclasses.replace(host._standalone)
-    monkeypatch.setenv("ZOETROPE_QUIET", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    host._standalone = saved
+pytestmark = pytest.mark.usefixtures("quiet_host")
 
 
 def load(name: str) -> dict:
