@@ -21,7 +21,7 @@ from zoetrope.nodes.generation import ZoetropeSampler, ZoetropeTextEncode, Zoetr
 from zoetrope.nodes.loaders import ZoetropeModelLoader, ZoetropeTextEncoderLoader, ZoetropeVAELoader
 from zoetrope.nodes.runner import input_specs, widget_slots
 from zoetrope.nodes.save import ZoetropeSaveVideo
-from zoetrope.nodes.vae_nodes import ZoetropeVAEDecode, ZoetropeVAEEncode, decode_tiled, tile_starts
+from zoetrope.nodes.vae_nodes import ZoetropeVAEDecode, ZoetropeVAEEncode, tile_starts
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a large red circle moving right on a black background"
