@@ -116,3 +116,6 @@ class ImageScale:
 
 
 NODE_CLASS_MAPPINGS = {"LoadImage": LoadImage, "ImageInvert": ImageInvert, "ImageScale": ImageScale}
+# ComfyUI's names for them: the frontend writes these into an untitled node's _meta.title.
+NODE_DISPLAY_NAME_MAPPINGS = {"LoadImage": "Load Image", "ImageInvert": "Invert Image Colors",
+                              "ImageScale": "Upscale Image"}

@@ -49,7 +49,8 @@ def node_classes() -> dict[str, type]:
 
 def display_name(class_type: str) -> str:
     from . import NODE_DISPLAY_NAME_MAPPINGS
-    return NODE_DISPLAY_NAME_MAPPINGS.get(class_type, class_type)
+    from .core import NODE_DISPLAY_NAME_MAPPINGS as CORE
+    return NODE_DISPLAY_NAME_MAPPINGS.get(class_type) or CORE.get(class_type, class_type)
 
 
 def input_specs(cls) -> list[tuple[str, Any, dict, bool]]:
