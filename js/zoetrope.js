@@ -229,15 +229,14 @@ function factsOf(node) {
   return type in LOADERS && name != null ? facts.get(`${type}:${name}`) ?? null : null;
 }
 
+// Two lines, as `zoetrope inspect` names the file: what it is, then family, stored precision and device.
 function factLines(f) {
-  const lines = [{ text: f.name ?? f.file, tone: "head" }];
   const parts = [];
   if (f.family) parts.push(f.family);
   if (f.variant && f.variant !== f.name) parts.push(f.variant);
-  if (f.precision) parts.push(f.precision);
-  if (parts.length) lines.push({ text: parts.join(" · "), tone: "plain" });
-  if (f.device) lines.push({ text: `computes on ${f.device}`, tone: "plain" });
-  return lines;
+  if (f.precision) parts.push(`${f.precision} file`);
+  if (f.device) parts.push(`on ${f.device}`);
+  return [{ text: f.name ?? f.file, tone: "head" }, ...(parts.length ? [{ text: parts.join(" · "), tone: "plain" }] : [])];
 }
 
 function drawFacts(node, ctx) {
