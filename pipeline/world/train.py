@@ -136,9 +136,10 @@ def train_vae(work: Path, budget: Budget, seed: int, device: torch.device, progr
     """Stage 1: encoder and decoder together, on 1-, 5- and 9-frame clips (mostly crops around objects)."""
     torch.manual_seed(seed)
     vae = WanVAE(VAE_CONFIG).to(device)
-    # Single frames, and clips of two and three chunks: later chunks read the causal cache of an earlier chunk
-    # that was itself not the first, which a 5-frame clip never shows the decoder.
-    frames = ((1, 0.1), (5, 0.5), (9, 0.4))
+    # Single frames, and clips of two to five chunks: later chunks read the causal cache of an earlier chunk
+    # that was itself not the first, which a 5-frame clip never shows; whole 17-frame clips keep the last
+    # chunks from drifting.
+    frames = ((1, 0.1), (5, 0.4), (9, 0.3), (17, 0.2))
     return _fit_autoencoder(Stage(work, "vae"), vae, list(vae.parameters()), budget.vae_steps, budget.lr_vae,
                             frames, budget, np.random.default_rng(seed), device, progress)
 
