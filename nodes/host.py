@@ -306,6 +306,12 @@ class Progress:
         self.close()
 
 
+def can_send_events() -> bool:
+    """Whether send_event reaches a page: ComfyUI with its PromptServer running."""
+    server = sys.modules.get("server")
+    return in_comfyui() and getattr(getattr(server, "PromptServer", None), "instance", None) is not None
+
+
 def send_event(event: str, data: dict) -> None:
     """A message to our frontend extension (`api.addEventListener("zoetrope.<event>")`); nothing standalone."""
     if not in_comfyui():
