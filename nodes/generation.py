@@ -205,7 +205,8 @@ class ZoetropeSampler:
         live = sampler_preview(model, unique_id)     # the animated preview on the page (None standalone)
 
         def progress(step, total, x0):
-            bar.update(step, lambda: preview_image(x0))
+            # The animated preview replaces ComfyUI's still one, which would be drawn in the same place.
+            bar.update(step, None if live is not None else (lambda: preview_image(x0)))
             if live is not None:
                 live(step, total, x0)
 
