@@ -179,9 +179,9 @@ def _warm_up() -> None:
 
 def sampler_preview(model, node_id, send: Callable[[str, dict], None] | None = None) -> LivePreview | None:
     """The live preview of a ZoetropeSampler run with `model` (a Loaded transformer), or None where no page can
-    show it (outside ComfyUI, unless `send` is given)."""
+    show it (outside ComfyUI or without its server, unless `send` is given)."""
     if send is None:
-        if not host.in_comfyui():
+        if not host.can_send_events():
             return None
         send = host.send_event
     channels = model.module.config.out_dim

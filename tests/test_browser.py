@@ -237,6 +237,18 @@ def _loader_facts() -> dict:
             for cls in (ZoetropeModelLoader, ZoetropeTextEncoderLoader, ZoetropeVAELoader)}
 
 
+def _start_images(folder: Path) -> None:
+    """The start images the example workflows load (a shape on a plain background)."""
+    from PIL import Image, ImageDraw
+    for workflow in WORKFLOWS.values():
+        for node in workflow["nodes"]:
+            if node["type"] == "LoadImage":
+                folder.mkdir(parents=True, exist_ok=True)
+                image = Image.new("RGB", (64, 64), (235, 235, 235))
+                ImageDraw.Draw(image).rectangle((20, 20, 42, 42), fill=(40, 90, 230))
+                image.save(folder / node["widgets_values"][0])
+
+
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory):
     reason = _browser_missing()
@@ -250,10 +262,7 @@ def backend(tmp_path_factory):
         for model in workflow.get("models") or []:
             (work / "models" / model["directory"]).mkdir(parents=True, exist_ok=True)
             (work / "models" / model["directory"] / model["name"]).touch()
-        for node in workflow["nodes"]:
-            if node["type"] == "LoadImage":
-                (work / "input").mkdir(exist_ok=True)
-                (work / "input" / node["widgets_values"][0]).touch()
+    _start_images(work / "input")
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "browser" / "backend.py"), "--port", str(port),
                                  "--models-dir", str(work / "models"), "--input-dir", str(work / "input")], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -360,6 +369,7 @@ def comfyui_server(tmp_path_factory, tiny_wan_models):
     (base / "custom_nodes" / "zoetrope").symlink_to(ROOT, target_is_directory=True)
     for kind in ("diffusion_models", "text_encoders", "vae"):
         shutil.copytree(tiny_wan_models["root"] / kind, base / "models" / kind)
+    _start_images(base / "input")
     port = _free_port()
     log = base / "comfyui.log"
     with open(log, "w") as f:
@@ -380,7 +390,7 @@ def test_the_editor_against_a_real_comfyui(comfyui_server):
     from zoetrope.pipeline import builtin
     url, base, log = comfyui_server
     queue = {"ZoetropeVideoNoise": {"width": 64, "height": 64, "frames": 17},
-             "ZoetropeSampler": {"steps": 12}}
+             "ZoetropeSampler": {"steps": 1000}}
     if not builtin.available():
         queue.update(TINY)
     results = _run_editor({"url": url, "extension": "zoetrope", "workflows": WORKFLOWS,

@@ -134,8 +134,9 @@ def fake_comfyui(monkeypatch, tmp_path):
     mm.soft_empty_cache = lambda: None
     mm.free_memory = lambda n, d: None
     utils = types.ModuleType("comfy.utils")
-    utils.ProgressBar = type("ProgressBar", (), {"__init__": lambda self, total: None,
-                                                 "update_absolute": lambda self, value, total=None, preview=None: None})
+    utils.ProgressBar = type("ProgressBar", (), {
+        "__init__": lambda self, total: None,
+        "update_absolute": lambda self, value, total=None, preview=None: sent.append(("bar", preview))})
     cli_args = types.ModuleType("comfy.cli_args")
     cli_args.args = types.SimpleNamespace(disable_metadata=False, preview_size=256)
     server = types.ModuleType("server")
@@ -165,10 +166,20 @@ def test_the_sampler_sends_live_previews_of_every_latent_frame(builtin_model, fa
     assert [d.get("step") for d in events] == [1, 2, 3, None]
     assert events[-1] == {"node": "12:4", "done": True}
     assert all(d["node"] == "12:4" and d["total"] == 3 and d["seconds_per_step"] > 0 for d in events[:-1])
+    # ComfyUI's still preview would be drawn where the animation is: it is left out.
+    assert [p for e, p in fake_comfyui if e == "bar"] == [None, None, None]
     framed = [d for d in events if "image" in d]
     assert framed and all(d["count"] == noise["samples"].shape[2] for d in framed)   # every latent frame
     assert all(d["frame_width"] == noise["samples"].shape[4] for d in framed)
     assert ZoetropeSampler.INPUT_TYPES()["hidden"] == {"unique_id": "UNIQUE_ID"}
+
+
+def test_without_comfyuis_server_there_is_no_live_preview(builtin_model, fake_comfyui, monkeypatch):
+    from zoetrope.nodes import ZoetropeModelLoader
+    model = ZoetropeModelLoader().load("builtin")["result"][0]
+    assert preview.sampler_preview(model, "3") is not None
+    monkeypatch.delitem(sys.modules, "server")
+    assert preview.sampler_preview(model, "3") is None
 
 
 def test_outside_comfyui_the_sampler_makes_no_preview(builtin_model):

@@ -38,10 +38,14 @@ try {
                                                    url: m.location()?.url ?? "" }));
   page.on("pageerror", (e) => results.pageErrors.push(String(e?.stack ?? e).slice(0, 1000)));
 
+  // A first visit opens the templates browser over the graph: say the tutorial is done, as a returning user has.
+  await fetch(`${config.url}/api/settings/Comfy.TutorialCompleted`, { method: "POST", body: "true",
+                                                                      headers: { "Content-Type": "application/json" } });
   await page.goto(config.url);
   await page.waitForFunction((name) => window.app?.extensions?.some?.((e) => e.name === name) && window.app.canvas?.graph,
                              "zoetrope.editor", { timeout: 90000 });
   await sleep(1500);
+  await page.keyboard.press("Escape");
 
   // Helpers inside the page.
   await page.evaluate((extension) => {
@@ -274,6 +278,15 @@ try {
         window.__q.previews++;
         if (e.detail?.image) window.__q.withFrames++;
       });
+      // Watch what the sampler node shows, from inside the page, every 50 ms.
+      window.__z.module().then((m) => {
+        const watch = setInterval(() => {
+          const live = m.inspectZoetrope().live[0];
+          if (live && live.shownFrame >= 0) window.__q.shown.add(live.shownFrame);
+          window.__q.maxFrames = Math.max(window.__q.maxFrames, live?.frames ?? 0);
+          if (window.__q.done || window.__q.error) clearInterval(watch);
+        }, 50);
+      });
       api.addEventListener("execution_success", () => { window.__q.done = true; });
       api.addEventListener("execution_error", (e) => { window.__q.error = JSON.stringify(e.detail).slice(0, 2000); });
     }, config.queue.set);
@@ -282,12 +295,8 @@ try {
     const deadline = Date.now() + (config.queue.timeoutMs ?? 240000);
     let midShot = null;
     while (Date.now() < deadline) {
-      const q = await page.evaluate(async () => {
-        const live = (await window.__z.module()).inspectZoetrope().live[0];
-        if (live && live.shownFrame >= 0) window.__q.shown.add(live.shownFrame);
-        window.__q.maxFrames = Math.max(window.__q.maxFrames, live?.frames ?? 0);
-        return { ...window.__q, shown: [...window.__q.shown], live };
-      });
+      const q = await page.evaluate(async () => ({ ...window.__q, shown: [...window.__q.shown],
+                                                   live: (await window.__z.module()).inspectZoetrope().live[0] }));
       if (!midShot && q.live?.loaded) {
         await sleep(700);
         await page.evaluate(() => window.__z.fitView());
@@ -298,6 +307,12 @@ try {
       await sleep(150);
     }
     await sleep(2500);
+    await page.evaluate(() => window.__z.focus(window.__z.byType("ZoetropeModelLoader"), 1.3));
+    await sleep(300);
+    await shot("comfyui_loaders");
+    await page.evaluate(() => window.__z.focus(window.__z.byType("ZoetropeVideoNoise"), 1.3));
+    await sleep(300);
+    await shot("comfyui_plan", "ZoetropeVideoNoise");
     const final = await page.evaluate(async () => {
       const save = window.__z.byType("ZoetropeSaveVideo");
       const videos = [...document.querySelectorAll("video")].map((v) => v.currentSrc || v.src);
