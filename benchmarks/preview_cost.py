@@ -8,9 +8,9 @@ JPEG-encoded and serialised as ComfyUI's send_sync would), and reports the media
 - overhead: the wall time of a run with previews against one without, which also catches what the preview's own
   clock would miss (noisy on a busy machine; the share is the number to quote).
 
-The built-in model is the worst case: its steps take milliseconds on a CPU, so a preview is relatively expensive.
-For the Wan models the script also times one preview of their real latent sizes, to set against their seconds
-per step.
+The built-in model is a hard case: its steps take tens of milliseconds on a CPU, so a preview is relatively
+expensive; a loop of 2.5 ms "steps" (a tiny test model) is the worst one. For the Wan models the script also times
+one preview of their real latent sizes, to set against their seconds per step.
 
     python benchmarks/preview_cost.py                  # 64x64, 17 frames, 20 steps, 5 runs
     python benchmarks/preview_cost.py --quick --runs 1 --steps 4
@@ -95,6 +95,22 @@ def main(argv=None) -> int:
     print(f"  preview share of sampling time (median): {100 * statistics.median(shares):.2f}%  "
           f"[runs: {', '.join(f'{100 * s:.2f}%' for s in shares)}]")
     print(f"  wall-time overhead vs no preview (median): {100 * statistics.median(overheads):+.2f}%")
+    # The worst case for the budget: steps of a few milliseconds (a tiny model), here a busy loop of 2.5 ms.
+    fast_shares, fast_counts = [], []
+    x0 = torch.randn(1, 16, 5, 16, 16)
+    for _ in range(args.runs):
+        live = preview.LivePreview("1", preview.projection_for(16, builtin=True), fps=8,
+                                   send=lambda event, data: json.dumps({"type": event, "data": data}))
+        for step in range(1, 401):
+            until = time.perf_counter() + 0.0025
+            while time.perf_counter() < until:
+                pass
+            live(step, 400, x0)
+        live.close()
+        fast_shares.append(live.share)
+        fast_counts.append(live.previews)
+    print(f"  steps of 2.5 ms (400 steps): {statistics.median(fast_counts):.0f} previews per run, share "
+          f"{100 * statistics.median(fast_shares):.2f}% (median of {args.runs})")
     if not args.quick:
         for name, shape, fam in (("Wan 2.1 832x480x81", (1, 16, 21, 60, 104), "wan2.1"),
                                  ("Wan 2.2 TI2V 1280x704x121", (1, 48, 31, 44, 80), "wan2.2")):

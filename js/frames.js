@@ -50,7 +50,8 @@ export function statusLine(live) {
   const parts = [`step ${live.step}/${live.total}`];
   if (Number.isFinite(live.secondsPerStep) && live.secondsPerStep > 0) {
     const s = live.secondsPerStep;
-    parts.push(`${s >= 10 ? s.toFixed(0) : s >= 1 ? s.toFixed(1) : s.toFixed(2)} s/step`);
+    parts.push(s >= 0.1 ? `${s >= 10 ? s.toFixed(0) : s >= 1 ? s.toFixed(1) : s.toFixed(2)} s/step`
+                        : `${(s * 1000).toFixed(1)} ms/step`);
   }
   if (Number.isFinite(live.eta)) parts.push(`${formatSeconds(live.eta)} left`);
   return parts.join(" · ");

@@ -30,6 +30,7 @@ from . import host
 DATA = Path(__file__).resolve().parents[1] / "pipeline" / "data" / "latent_rgb.json"
 EVENT = "preview"                 # reaches the page as "zoetrope.preview"
 BUDGET = 0.03                     # share of sampling time previews may cost (the promise is under 5%)
+PROGRESS_INTERVAL = 0.1           # seconds between progress messages without frames
 JPEG_QUALITY = 80
 
 
@@ -113,7 +114,8 @@ def frame_grid(frames, quality: int = JPEG_QUALITY) -> dict:
 class LivePreview:
     """The progress callback's companion in the sampler: call it after every step with (step, total, x0).
 
-    Every step it sends the step, the seconds per step and the time left; when the budget allows, also the frames.
+    It sends the step, the seconds per step and the time left (every step, or every PROGRESS_INTERVAL when steps
+    are faster than that); when the budget allows, also the frames.
     `close()` tells the page the sampler is done, so the animation goes away (also after Cancel or an error).
     Time spent here is kept out of the seconds per step and counted against the budget.
     """
@@ -133,26 +135,33 @@ class LivePreview:
         self.send, self.clock, self.budget = send, clock, budget
         self.sampling = 0.0      # seconds in the model, between callbacks
         self.previews = 0
-        start = clock()
+        self.spent = 0.0         # seconds in here
+        # Once per process, PIL's JPEG encoder is loaded: a fixed cost that is not the previews' share of sampling
+        # (and would otherwise hold back every preview of a short run), so it is done before the clock starts.
         _warm_up()
-        self.spent = clock() - start      # seconds in here
         self._last = clock()
+        self._sent = -math.inf
         self._closed = False
 
     def __call__(self, step: int, total: int, x0=None) -> None:
         start = self.clock()
         self.sampling += start - self._last
-        per_step = self.sampling / max(step, 1)
-        message = {"node": self.node_id, "step": int(step), "total": int(total),
-                   "seconds_per_step": round(per_step, 4), "eta": round(per_step * max(total - step, 0), 2)}
-        if x0 is not None and step < total and self._affordable(x0.numel() // max(x0.shape[0], 1)):
-            made = self.clock()
-            grid = frame_grid(latent_to_rgb(x0, self.projection))
-            message.update(grid, fps=self.frame_rate, family=self.projection.family)
-            self.previews += 1
-            measured = (self.clock() - made) / max(1, x0.numel() // x0.shape[0])
-            LivePreview._recent = (LivePreview._recent + [measured])[-5:]
-        self.send(EVENT, message)
+        frames = x0 is not None and step < total and self._affordable(x0.numel() // max(x0.shape[0], 1))
+        # Progress alone goes out at most PROGRESS_INTERVAL apart (and at the first and last step): a model that
+        # takes milliseconds a step would otherwise spend its budget on messages.
+        if frames or step in (1, total) or start - self._sent >= PROGRESS_INTERVAL:
+            per_step = self.sampling / max(step, 1)
+            message = {"node": self.node_id, "step": int(step), "total": int(total),
+                       "seconds_per_step": round(per_step, 4), "eta": round(per_step * max(total - step, 0), 2)}
+            if frames:
+                made = self.clock()
+                message.update(frame_grid(latent_to_rgb(x0, self.projection)), fps=self.frame_rate,
+                               family=self.projection.family)
+                self.previews += 1
+                measured = (self.clock() - made) / max(1, x0.numel() // x0.shape[0])
+                LivePreview._recent = (LivePreview._recent + [measured])[-5:]
+            self.send(EVENT, message)
+            self._sent = self.clock()
         self._last = self.clock()
         self.spent += self._last - start
 
@@ -171,8 +180,9 @@ class LivePreview:
         return self.spent / self.sampling if self.sampling else 0.0
 
 
+@lru_cache(maxsize=1)
 def _warm_up() -> None:
-    """Import PIL's JPEG encoder before the first step, so the first preview's time is a typical one."""
+    """Load PIL's JPEG encoder before the first step, so the first preview's time is a typical one."""
     from PIL import Image
     Image.new("RGB", (8, 8)).save(io.BytesIO(), "JPEG")
 

@@ -61,4 +61,6 @@ test("the status line says the step, seconds per step and the time left", () => 
   assert.equal(statusLine(decodePreview({ node: 1, step: 3, total: 50, seconds_per_step: 12.3, eta: 580 })),
                "step 3/50 · 12 s/step · 9 min 40 s left");
   assert.equal(statusLine(decodePreview({ node: 1, step: 1, total: 4 })), "step 1/4");
+  assert.equal(statusLine(decodePreview({ node: 1, step: 9, total: 900, seconds_per_step: 0.0024, eta: 2.1 })),
+               "step 9/900 · 2.4 ms/step · 2.1 s left");
 });
