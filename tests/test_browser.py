@@ -11,8 +11,8 @@
 - with COMFYUI_DIR set to a ComfyUI checkout, the same page runs against the real ComfyUI, which also queues the
   text-to-video workflow and must show the preview animating and the video arriving.
 
-The browser tests need Chromium (`apt-get install chromium`) and playwright-core (`npm ci`); where Chromium is
-absent they are skipped, saying so.
+The browser tests need Chromium (`apt-get install chromium`) and playwright-core (`npm ci`); where they are
+absent the tests are skipped, saying so, except in CI (CI=true), where that is a failure.
 """
 from __future__ import annotations
 
@@ -56,7 +56,13 @@ def _browser_missing() -> str | None:
     return None
 
 
-needs_browser = pytest.mark.skipif(_browser_missing() is not None, reason=_browser_missing() or "")
+def _need_browser() -> None:
+    """Skip where the browser or its driver is missing; in CI (CI=true), which installs them, fail instead."""
+    reason = _browser_missing()
+    if reason and os.environ.get("CI"):
+        pytest.fail(f"{reason}: CI installs it, so this is a broken setup")
+    if reason:
+        pytest.skip(reason)
 
 
 def _node_eval(script: str, data) -> object:
@@ -251,9 +257,7 @@ def _start_images(folder: Path) -> None:
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory):
-    reason = _browser_missing()
-    if reason:
-        pytest.skip(reason)
+    _need_browser()
     port = _free_port()
     work = tmp_path_factory.mktemp("backend")
     log = work / "backend.log"
@@ -274,7 +278,6 @@ def backend(tmp_path_factory):
         _stop(proc)
 
 
-@needs_browser
 def test_the_editor_in_chromium(backend, builtin_model):
     sys.path.insert(0, str(ROOT / "tests" / "browser"))
     try:
@@ -361,9 +364,7 @@ TINY = {"ZoetropeModelLoader": {"model_name": "wan2.1_t2v_1.3B_fp16.safetensors"
 def comfyui_server(tmp_path_factory, tiny_wan_models):
     if not COMFYUI_DIR or not (Path(COMFYUI_DIR) / "main.py").is_file():
         pytest.skip("set COMFYUI_DIR to a ComfyUI checkout to run the editor against a real ComfyUI")
-    reason = _browser_missing()
-    if reason:
-        pytest.skip(reason)
+    _need_browser()
     base = tmp_path_factory.mktemp("comfyui_editor")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "zoetrope").symlink_to(ROOT, target_is_directory=True)
@@ -385,7 +386,6 @@ def comfyui_server(tmp_path_factory, tiny_wan_models):
         _stop(proc)
 
 
-@needs_browser
 def test_the_editor_against_a_real_comfyui(comfyui_server):
     from zoetrope.pipeline import builtin
     url, base, log = comfyui_server
