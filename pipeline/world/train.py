@@ -411,7 +411,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(FOLDER), help="where the three safetensors files are written")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--smoke", action="store_true", help="a few steps of every stage (seconds), for tests")
-    for f in ("vae_steps", "dit_steps", "pool_clips", "dit_batch", "vae_batch"):
+    for f in ("vae_steps", "decoder_steps", "dit_steps", "pool_clips", "dit_batch", "vae_batch"):
         ap.add_argument("--" + f.replace("_", "-"), type=int, default=None)
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads (default: all cores; 1 is faster when other programs share the cores)")
@@ -420,7 +420,7 @@ def main(argv=None) -> int:
                          "the same time in two shells); 'export' writes the files from the stages' checkpoints")
     args = ap.parse_args(argv)
     budget = SMOKE if args.smoke else Budget()
-    overrides = {f: getattr(args, f) for f in ("vae_steps", "dit_steps", "pool_clips", "dit_batch", "vae_batch")
+    overrides = {f: getattr(args, f) for f in ("vae_steps", "decoder_steps", "dit_steps", "pool_clips", "dit_batch", "vae_batch")
                  if getattr(args, f) is not None}
     budget = replace(budget, **overrides)
     work = Path(args.work)
