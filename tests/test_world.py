@@ -337,6 +337,19 @@ def test_presence_needs_80_percent_of_frames():
     assert not result["objects"][0]["present"] and not result["correct"]
 
 
+def test_an_extra_object_counts_when_it_persists_and_a_flicker_does_not():
+    scene = sample_scene(np.random.default_rng(21), 2)
+    both, named = render(scene), alone(scene, 0)
+    first_only = render(named)
+    for shown, extra in ((3, 0), (8, 0), (9, 1), (17, 1)):       # frames in which the unnamed object is drawn
+        frames = first_only.copy()
+        frames[:shown] = both[:shown]
+        result = score(frames, prompt(named))
+        assert result["extra_objects"] == extra, shown
+        assert result["flickers"] == 1 - extra
+        assert result["correct"] == (extra == 0)
+
+
 def test_summarise_counts_by_kind():
     rng = np.random.default_rng(14)
     one, two = scenes(14, 4, 1), scenes(15, 2, 2)

@@ -22,6 +22,10 @@ import numpy as np
 from .scene import BACKGROUNDS, COLOURS, MOTIONS, SIZES, parse_prompt
 
 PRESENCE = 0.8          # an object is present when its colour region is found in at least this share of frames
+# Another object "appears" when it persists: its region (or a second region of a named colour) is found in at least
+# this share of frames. A fringe of another hue that flickers in a few frames of a generated clip is counted
+# separately (`flickers`), not as an object. A real extra object is there the whole clip.
+EXTRA_PRESENCE = 0.5
 STILL = 0.08            # centroid displacement (in W) under which an object stands still
 # Bounding-box fill of each shape: the square fills it, the disc pi/4, the triangle (base = height) half.
 FILL = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}
@@ -257,7 +261,8 @@ def score(frames: np.ndarray, prompt: str, image_to_video: bool = False) -> dict
     Each named object is the detected object of its colour; where that colour is missing, the most present
     detected object that no other name claims stands in for it, so that a wrong colour still gets its shape,
     size and motion judged. Per named object: present (found in >= PRESENCE of the frames), colour, shape, size,
-    motion. Any detected object that no name claims, or a second region of a claimed colour, is an extra object.
+    motion. Any detected object that no name claims, or a second region of a claimed colour, is an extra object when
+    it persists (EXTRA_PRESENCE of the frames); shorter ones are reported as flickers.
     `correct` is the background, every attribute of every object, and no extra object.
     """
     parsed = parse_prompt(prompt)
@@ -281,7 +286,10 @@ def score(frames: np.ndarray, prompt: str, image_to_video: bool = False) -> dict
             "motion": present and match.motion == spec.motion,
             "detected": match,
         })
-    extra = len(spare) + sum(o.extra_regions > 0 for o in found.objects if o.colour in named)
+    # Share of frames each unclaimed region is seen in: other colours' tracks, and second regions of named ones.
+    shares = [o.presence for o in spare] + [o.extra_regions / found.num_frames for o in found.objects
+                                            if o.colour in named and o.extra_regions]
+    extra = sum(share >= EXTRA_PRESENCE for share in shares)
     background = found.background == parsed.background
     attributes = ("present", "colour", "shape", "size", "motion")
     return {
@@ -290,6 +298,7 @@ def score(frames: np.ndarray, prompt: str, image_to_video: bool = False) -> dict
         "background": background,
         "objects": objects,
         "extra_objects": extra,
+        "flickers": len(shares) - extra,
         "correct": background and extra == 0 and all(o[a] for o in objects for a in attributes),
         "detections": found,
     }
