@@ -1,8 +1,8 @@
 """Train the built-in model from nothing: `zoetrope train-builtin`.
 
 Stages, each resumable (a checkpoint every few minutes; a finished stage is skipped on the next run):
-  1. vae         a small Wan-architecture causal VAE (4x8x8 -> 4x4x4 here: 64x64 frames to 16x16 latents) on
-                 Shapes World clips of 1 to 17 frames, mostly crops around the objects
+  1. vae         a small Wan-architecture causal VAE, 4x in time and 4x in space (Wan 2.1's is 4x8x8): 64x64
+                 frames to 16x16 latents; trained on Shapes World clips of 1 to 17 frames, mostly crops
   2. decoder     the decoder alone, encoder frozen, on longer clips: the latent space stays put, so this stage
                  can run at the same time as the next two
   3. latents     the tokenizer (SentencePiece over the world's words, stored in the text-encoder file) and a pool
