@@ -113,3 +113,13 @@ def test_generate_refuses_an_unknown_format(builtin_model, tmp_path):
     with pytest.raises(SystemExit):
         cli.main(["generate", "a small red circle", "-o", str(tmp_path / "clip.avi")])
     assert not list(tmp_path.iterdir())
+
+
+def test_the_transformer_loss_weighs_object_positions_above_the_background():
+    x0 = torch.randn(1, 16, 1, 1, 1).expand(2, 16, 5, 16, 16).clone()     # a flat background latent
+    x0[0, :, :, 3:5, 6:8] += 3.0                                           # an object in clip 0 only
+    w = train._latent_object_weight(x0, 4.0)
+    assert w.shape == (2, 1, 5, 16, 16)
+    assert torch.allclose(w[0, :, :, 3:5, 6:8], torch.tensor(5.0))
+    assert torch.allclose(w[0, :, :, :3], torch.tensor(1.0)) and torch.allclose(w[1], torch.tensor(1.0))
+    assert torch.equal(train._latent_object_weight(x0, 0.0), torch.ones_like(w))
