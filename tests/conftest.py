@@ -107,3 +107,79 @@ def quiet_host(monkeypatch):
     yield
     torch.set_num_threads(threads)
     host._standalone = saved
+
+
+def write_start_images(folder):
+    """The start images the example workflows load (LoadImage): a blue square on a white background, 64x64."""
+    import json
+    from pathlib import Path
+
+    from PIL import Image, ImageDraw
+    for path in sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json")):
+        for node in json.loads(path.read_text())["nodes"]:
+            if node["type"] == "LoadImage":
+                folder.mkdir(parents=True, exist_ok=True)
+                image = Image.new("RGB", (64, 64), (235, 235, 235))
+                ImageDraw.Draw(image).rectangle((20, 20, 42, 42), fill=(40, 90, 230))
+                image.save(folder / node["widgets_values"][0])
+
+
+@pytest.fixture(scope="session")
+def start_images():
+    return write_start_images
+
+
+@pytest.fixture(scope="session")
+def comfyui(tmp_path_factory, tiny_wan_models):
+    """A real ComfyUI (a checkout in COMFYUI_DIR, run by COMFYUI_PYTHON or this Python) on the CPU, with a scratch
+    base directory holding this pack (a link to the checkout), the tiny Wan stand-ins under their real names and
+    the workflows' start images. Yields (url, base directory, log path); skipped without COMFYUI_DIR."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    checkout = os.environ.get("COMFYUI_DIR")
+    if not checkout or not (Path(checkout) / "main.py").is_file():
+        pytest.skip("set COMFYUI_DIR to a ComfyUI checkout to run the tests against a real ComfyUI")
+    base = tmp_path_factory.mktemp("comfyui")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "zoetrope").symlink_to(Path(__file__).resolve().parents[1], target_is_directory=True)
+    for kind in ("diffusion_models", "text_encoders", "vae"):
+        shutil.copytree(tiny_wan_models["root"] / kind, base / "models" / kind)
+    write_start_images(base / "input")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = base / "comfyui.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            [os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen", "127.0.0.1", "--port",
+             str(port), "--base-directory", str(base), "--disable-auto-launch"],
+            cwd=checkout, stdout=f, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ComfyUI exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/system_stats", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"ComfyUI did not answer within 600 s:\n{log.read_text()[-4000:]}")
+            time.sleep(1)
+        yield url, base, log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

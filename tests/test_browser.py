@@ -248,20 +248,8 @@ def _loader_facts() -> dict:
             for cls in (ZoetropeModelLoader, ZoetropeTextEncoderLoader, ZoetropeVAELoader)}
 
 
-def _start_images(folder: Path) -> None:
-    """The start images the example workflows load (a shape on a plain background)."""
-    from PIL import Image, ImageDraw
-    for workflow in WORKFLOWS.values():
-        for node in workflow["nodes"]:
-            if node["type"] == "LoadImage":
-                folder.mkdir(parents=True, exist_ok=True)
-                image = Image.new("RGB", (64, 64), (235, 235, 235))
-                ImageDraw.Draw(image).rectangle((20, 20, 42, 42), fill=(40, 90, 230))
-                image.save(folder / node["widgets_values"][0])
-
-
 @pytest.fixture(scope="module")
-def backend(tmp_path_factory):
+def backend(tmp_path_factory, start_images):
     _need_browser()
     port = _free_port()
     work = tmp_path_factory.mktemp("backend")
@@ -271,7 +259,7 @@ def backend(tmp_path_factory):
         for model in workflow.get("models") or []:
             (work / "models" / model["directory"]).mkdir(parents=True, exist_ok=True)
             (work / "models" / model["directory"] / model["name"]).touch()
-    _start_images(work / "input")
+    start_images(work / "input")
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "browser" / "backend.py"), "--port", str(port),
                                  "--models-dir", str(work / "models"), "--input-dir", str(work / "input")], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -359,36 +347,15 @@ def test_the_editor_in_chromium(backend, builtin_model):
 # ---------------------------------------------------------------------------------------------------------------
 # Against a real ComfyUI
 
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 TINY = {"ZoetropeModelLoader": {"model_name": "wan2.1_t2v_1.3B_fp16.safetensors"},
         "ZoetropeTextEncoderLoader": {"text_encoder_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors"},
         "ZoetropeVAELoader": {"vae_name": "wan_2.1_vae.safetensors"}}
 
 
 @pytest.fixture(scope="module")
-def comfyui_server(tmp_path_factory, tiny_wan_models):
-    if not COMFYUI_DIR or not (Path(COMFYUI_DIR) / "main.py").is_file():
-        pytest.skip("set COMFYUI_DIR to a ComfyUI checkout to run the editor against a real ComfyUI")
+def comfyui_server(comfyui):
     _need_browser()
-    base = tmp_path_factory.mktemp("comfyui_editor")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / "zoetrope").symlink_to(ROOT, target_is_directory=True)
-    for kind in ("diffusion_models", "text_encoders", "vae"):
-        shutil.copytree(tiny_wan_models["root"] / kind, base / "models" / kind)
-    _start_images(base / "input")
-    port = _free_port()
-    log = base / "comfyui.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(
-            [os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen", "127.0.0.1", "--port",
-             str(port), "--base-directory", str(base), "--disable-auto-launch"],
-            cwd=COMFYUI_DIR, stdout=f, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_for(url, proc, log, 600)
-        yield url, base, log
-    finally:
-        _stop(proc)
+    return comfyui
 
 
 def test_the_editor_against_a_real_comfyui(comfyui_server):

@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -38,12 +34,6 @@ INSTEAD_OF_BUILTIN = {"model_name": "wan2.1_t2v_1.3B_fp16.safetensors",
                       "vae_name": "wan_2.1_vae.safetensors"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _request(url: str, data: dict | None = None, timeout: float = 30):
     body = None if data is None else json.dumps(data).encode()
     req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
@@ -52,49 +42,6 @@ def _request(url: str, data: dict | None = None, timeout: float = 30):
             return r.status, json.loads(r.read() or b"null")
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read() or b"null")
-
-
-@pytest.fixture(scope="module")
-def comfyui(tmp_path_factory, tiny_wan_models):
-    from PIL import Image, ImageDraw
-    base = tmp_path_factory.mktemp("comfyui")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / "zoetrope").symlink_to(ROOT, target_is_directory=True)
-    for kind in ("diffusion_models", "text_encoders", "vae"):
-        shutil.copytree(tiny_wan_models["root"] / kind, base / "models" / kind)
-    (base / "input").mkdir()
-    image = Image.new("RGB", (64, 64), (235, 235, 235))
-    ImageDraw.Draw(image).rectangle((20, 20, 42, 42), fill=(40, 90, 230))
-    image.save(base / "input" / "zoetrope_start.webp")
-
-    port = _free_port()
-    log_path = base / "comfyui.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen", "127.0.0.1", "--port",
-             str(port), "--base-directory", str(base), "--disable-auto-launch"],
-            cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 600
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ComfyUI exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if _request(f"{url}/system_stats", timeout=5)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"ComfyUI did not answer within 600 s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(2)
-        yield url, base, log_path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_the_pack_loads_without_import_failed(comfyui):
