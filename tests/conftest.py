@@ -124,6 +124,47 @@ def write_start_images(folder):
                 image.save(folder / node["widgets_values"][0])
 
 
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_server(url: str, proc, log, seconds: float) -> None:
+    """Until `url`/system_stats answers; fails with the end of the server's log if it exits or stays silent."""
+    import time
+    import urllib.request
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/system_stats", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"the server at {url} did not answer within {seconds} s:\n{log.read_text()[-4000:]}")
+
+
+def stop_server(proc) -> None:
+    import subprocess
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def server_tools():
+    """free_port, wait_for_server and stop_server, for test modules that start a server of their own."""
+    from types import SimpleNamespace
+    return SimpleNamespace(free_port=free_port, wait_for=wait_for_server, stop=stop_server)
+
+
 @pytest.fixture(scope="session")
 def start_images():
     return write_start_images
@@ -136,11 +177,8 @@ def comfyui(tmp_path_factory, tiny_wan_models):
     the workflows' start images. Yields (url, base directory, log path); skipped without COMFYUI_DIR."""
     import os
     import shutil
-    import socket
     import subprocess
     import sys
-    import time
-    import urllib.request
     from pathlib import Path
 
     checkout = os.environ.get("COMFYUI_DIR")
@@ -152,9 +190,7 @@ def comfyui(tmp_path_factory, tiny_wan_models):
     for kind in ("diffusion_models", "text_encoders", "vae"):
         shutil.copytree(tiny_wan_models["root"] / kind, base / "models" / kind)
     write_start_images(base / "input")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = base / "comfyui.log"
     with open(log, "w") as f:
         proc = subprocess.Popen(
@@ -163,23 +199,7 @@ def comfyui(tmp_path_factory, tiny_wan_models):
             cwd=checkout, stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 600
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ComfyUI exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/system_stats", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"ComfyUI did not answer within 600 s:\n{log.read_text()[-4000:]}")
-            time.sleep(1)
+        wait_for_server(url, proc, log, 600)
         yield url, base, log
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)

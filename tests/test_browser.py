@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -161,35 +160,6 @@ def test_js_model_table_matches_the_real_checkpoints():
 # ---------------------------------------------------------------------------------------------------------------
 # In the browser
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(url: str, proc: subprocess.Popen, log: Path, seconds: float) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/system_stats", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"the server at {url} did not answer within {seconds} s:\n{log.read_text()[-4000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
 def _run_editor(config: dict, out: Path, timeout: float) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     config = {**config, "outDir": str(out), "chromium": CHROMIUM}
@@ -249,9 +219,9 @@ def _loader_facts() -> dict:
 
 
 @pytest.fixture(scope="module")
-def backend(tmp_path_factory, start_images):
+def backend(tmp_path_factory, start_images, server_tools):
     _need_browser()
-    port = _free_port()
+    port = server_tools.free_port()
     work = tmp_path_factory.mktemp("backend")
     log = work / "backend.log"
     # The files the example workflows name, as empty stand-ins: the page then finds every model it asks for.
@@ -265,10 +235,10 @@ def backend(tmp_path_factory, start_images):
                                  "--models-dir", str(work / "models"), "--input-dir", str(work / "input")], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_for(url, proc, log, 60)
+        server_tools.wait_for(url, proc, log, 60)
         yield url
     finally:
-        _stop(proc)
+        server_tools.stop(proc)
 
 
 def test_the_editor_in_chromium(backend, builtin_model):
