@@ -12,11 +12,11 @@ Stages, each resumable (a checkpoint every few minutes; a finished stage is skip
                  per-token timesteps, as Wan 2.2 TI2V does)
   5. export      the three safetensors files the loaders read
 
-Everything is seeded. One command runs the stages in order; on a 2-core CPU the quickest way is
-    zoetrope train-builtin --only vae --threads 2
-    zoetrope train-builtin --only decoder --threads 1 &  zoetrope train-builtin --only transformer --threads 1
-    zoetrope train-builtin --only export
-(about two hours). A GPU, when present, is used and takes minutes.
+Everything is seeded. One command runs the stages in order, using every core:
+    zoetrope train-builtin --work builtin-training
+On a 2-core CPU that is roughly VAE 30 min, decoder 50-75, latent pool 8, transformer 85 (see Budget). After the
+VAE, `--only decoder` and `--only transformer` may also run in two shells at once (one thread each), which is
+quicker for the decoder and slower for the transformer. A GPU, when present, is used and takes minutes.
 """
 from __future__ import annotations
 
@@ -56,27 +56,29 @@ DIT_CONFIG = DiTConfig(dim=192, ffn_dim=768, num_heads=3, num_layers=6, in_dim=1
 
 @dataclass(frozen=True)
 class Budget:
-    """Steps per stage: the shipped weights' recipe. On a 2-core CPU (one thread a stage, `decoder` and
-    `transformer` side by side) the VAE takes ~30 min, then the decoder ~70 and the latent pool + transformer ~70
-    at the same time: under 2 hours. --smoke runs seconds."""
+    """Steps per stage: the shipped weights' recipe. On a 2-core CPU the VAE takes ~30 min (2 threads), the
+    decoder ~75 min (one thread, beside another stage), the latent pool ~8 and the transformer ~85 (2 threads,
+    ~0.7 s a step). --smoke runs seconds."""
     vae_steps: int = 1800
     decoder_steps: int = 6000
     vae_batch: int = 12
     vae_crop: int = 32
     pool_clips: int = 4000
-    dit_steps: int = 2800
-    dit_batch: int = 24
+    dit_steps: int = 7500
+    dit_batch: int = 12          # clips a step; small batches, many steps: a CPU's samples go furthest that way
+    image_batch: int = 24        # first frames a step, trained as 1-frame videos (Wan's image-video joint training)
     lr_vae: float = 6e-4
     lr_decoder: float = 3e-4
-    lr_dit: float = 4e-4
+    lr_dit: float = 5e-4
     i2v_share: float = 0.25      # share of training clips with a pinned clean first frame
     uncond_share: float = 0.1    # share trained with an empty prompt, for classifier-free guidance
     object_weight: float = 4.0   # extra loss weight on the latent positions of objects (see _latent_object_weight)
-    ema: float = 0.998
+    ema: float = 0.999
     stats_clips: int = 64        # clips whose latents give the per-channel mean and std
 
 
-SMOKE = Budget(vae_steps=3, decoder_steps=2, vae_batch=2, pool_clips=8, dit_steps=3, dit_batch=4, stats_clips=4)
+SMOKE = Budget(vae_steps=3, decoder_steps=2, vae_batch=2, pool_clips=8, dit_steps=3, dit_batch=4, image_batch=4,
+               stats_clips=4)
 
 SIZE, FRAMES = 64, 17
 
@@ -305,6 +307,10 @@ def train_transformer(work: Path, pool: dict, spiece: bytes, budget: Budget, see
     te_config = replace(TEXT_CONFIG, vocab_size=tokenizer.vocab_size)
     encoder = UMT5Encoder(te_config).to(device)
     dit = WanModel(DIT_CONFIG).to(device)
+    # Wan's own initialisation of the output layer: zero, so the untrained model predicts no velocity at all
+    # instead of noise, and the first steps are spent on the data rather than on undoing a random projection.
+    torch.nn.init.zeros_(dit.head.head.weight)
+    torch.nn.init.zeros_(dit.head.head.bias)
     params = list(encoder.parameters()) + list(dit.parameters())
     opt = torch.optim.AdamW(params, lr=budget.lr_dit, weight_decay=0.01, betas=(0.9, 0.99))
     ema = {"dit": copy.deepcopy(dit).eval(), "encoder": copy.deepcopy(encoder).eval()}
@@ -335,36 +341,20 @@ def train_transformer(work: Path, pool: dict, spiece: bytes, budget: Budget, see
         for g in opt.param_groups:
             g["lr"] = lr
         idx = rng.integers(len(scenes), size=budget.dit_batch).tolist()
-        x0 = latents[idx].float().to(device)
-        prompts = ["" if rng.random() < budget.uncond_share else
-                   (world.prompt(scenes[i]) if rng.random() < 0.5 else world.paraphrase(scenes[i], rng)) for i in idx]
-        ids, mask = tokenizer(prompts, max_length=DIT_CONFIG.text_len)
-        b = x0.shape[0]
-        # Flow matching (Wan's parameterisation): x_s = (1 - s) x0 + s noise, target v = noise - x0.
-        u = torch.rand(b, generator=gen)
-        sigma = sampling.shift_sigmas(u, 3.0).float().to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        s = sigma.view(b, 1, 1, 1, 1)
-        xt = (1 - s) * x0 + s * noise
-        target = noise - x0
-        # Image-to-video: some clips keep a clean first latent frame, with timestep 0 on its tokens.
-        keep = torch.ones_like(x0[:, :1])
-        pinned = torch.rand(b, generator=gen) < budget.i2v_share
-        keep[pinned, :, 0] = 0
-        xt = xt * keep + x0 * (1 - keep)
-        t = sampling.token_timesteps(sigma * 1000, keep[:, 0], patch=DIT_CONFIG.patch_size)
-        with _autocast(device):
-            emb = encoder(ids.to(device), mask.to(device))
-            context = [e[: int(m.sum())] for e, m in zip(emb, mask)]
-            v = dit(xt, t, context)
-        weight = keep * _latent_object_weight(x0, budget.object_weight)
-        loss = (((v.float() - target) ** 2) * weight).sum() / (weight.sum() * x0.shape[1])
+        loss = _flow_loss(dit, encoder, tokenizer, latents[idx].float().to(device), [scenes[i] for i in idx], rng,
+                          gen, budget, device, i2v=True)
+        if budget.image_batch:
+            # Images: the first latent frame of other clips (the causal VAE encodes frame 0 alone). Colour, shape,
+            # size and background are learnt here at a fifth of a clip's cost; motion from the clips.
+            idx = rng.integers(len(scenes), size=budget.image_batch).tolist()
+            loss = loss + _flow_loss(dit, encoder, tokenizer, latents[idx, :, :1].float().to(device),
+                                     [scenes[i] for i in idx], rng, gen, budget, device, i2v=False)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        _ema_update(ema["dit"], dit, budget.ema if step > 500 else 0.0)
-        _ema_update(ema["encoder"], encoder, budget.ema if step > 500 else 0.0)
+        _ema_update(ema["dit"], dit, budget.ema if step > 1000 else 0.0)
+        _ema_update(ema["encoder"], encoder, budget.ema if step > 1000 else 0.0)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
@@ -377,6 +367,34 @@ def train_transformer(work: Path, pool: dict, spiece: bytes, budget: Budget, see
             last_save = time.time()
     bar.close()
     return ema["dit"], TextEncoder(ema["encoder"], tokenizer), te_config
+
+
+def _flow_loss(dit, encoder, tokenizer, x0, scenes, rng, gen, budget: Budget, device, i2v: bool) -> torch.Tensor:
+    """Flow-matching loss of one batch of latents [B, z, T', H', W'] and their scenes (prompts redrawn here)."""
+    prompts = ["" if rng.random() < budget.uncond_share else
+               (world.prompt(s) if rng.random() < 0.5 else world.paraphrase(s, rng)) for s in scenes]
+    ids, mask = tokenizer(prompts, max_length=DIT_CONFIG.text_len)
+    b = x0.shape[0]
+    # Wan's parameterisation: x_s = (1 - s) x0 + s noise, target v = noise - x0; s drawn with the sampler's shift.
+    u = torch.rand(b, generator=gen)
+    sigma = sampling.shift_sigmas(u, 3.0).float().to(device)
+    noise = torch.randn(x0.shape, generator=gen).to(device)
+    s = sigma.view(b, 1, 1, 1, 1)
+    xt = (1 - s) * x0 + s * noise
+    target = noise - x0
+    # Image-to-video: some clips keep a clean first latent frame, with timestep 0 on its tokens.
+    keep = torch.ones_like(x0[:, :1])
+    if i2v:
+        pinned = torch.rand(b, generator=gen) < budget.i2v_share
+        keep[pinned, :, 0] = 0
+        xt = xt * keep + x0 * (1 - keep)
+    t = sampling.token_timesteps(sigma * 1000, keep[:, 0], patch=DIT_CONFIG.patch_size)
+    with _autocast(device):
+        emb = encoder(ids.to(device), mask.to(device))
+        context = [e[: int(m.sum())] for e, m in zip(emb, mask)]
+        v = dit(xt, t, context)
+    weight = keep * _latent_object_weight(x0, budget.object_weight)
+    return (((v.float() - target) ** 2) * weight).sum() / (weight.sum() * x0.shape[1])
 
 
 def _latent_object_weight(x0: torch.Tensor, strength: float) -> torch.Tensor:
@@ -434,7 +452,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(FOLDER), help="where the three safetensors files are written")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--smoke", action="store_true", help="a few steps of every stage (seconds), for tests")
-    for f in ("vae_steps", "decoder_steps", "dit_steps", "pool_clips", "dit_batch", "vae_batch"):
+    for f in ("vae_steps", "decoder_steps", "dit_steps", "pool_clips", "dit_batch", "image_batch", "vae_batch"):
         ap.add_argument("--" + f.replace("_", "-"), type=int, default=None)
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads (default: all cores; 1 is faster when other programs share the cores)")
@@ -443,7 +461,7 @@ def main(argv=None) -> int:
                          "the same time in two shells); 'export' writes the files from the stages' checkpoints")
     args = ap.parse_args(argv)
     budget = SMOKE if args.smoke else Budget()
-    overrides = {f: getattr(args, f) for f in ("vae_steps", "decoder_steps", "dit_steps", "pool_clips", "dit_batch", "vae_batch")
+    overrides = {f: getattr(args, f) for f in ("vae_steps", "decoder_steps", "dit_steps", "pool_clips", "dit_batch", "image_batch", "vae_batch")
                  if getattr(args, f) is not None}
     budget = replace(budget, **overrides)
     work = Path(args.work)
