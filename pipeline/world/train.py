@@ -64,13 +64,14 @@ class Budget:
     vae_batch: int = 12
     vae_crop: int = 32
     pool_clips: int = 4000
-    dit_steps: int = 7500
+    dit_steps: int = 7000
     dit_batch: int = 12          # clips a step; small batches, many steps: a CPU's samples go furthest that way
     image_batch: int = 24        # first frames a step, trained as 1-frame videos (Wan's image-video joint training)
     lr_vae: float = 6e-4
     lr_decoder: float = 3e-4
     lr_dit: float = 5e-4
-    i2v_share: float = 0.25      # share of training clips with a pinned clean first frame
+    i2v_share: float = 0.3       # share of training clips with a pinned clean first frame
+    forcing_share: float = 0.3   # share with a noise level of its own on every latent frame (see _flow_loss)
     uncond_share: float = 0.1    # share trained with an empty prompt, for classifier-free guidance
     object_weight: float = 4.0   # extra loss weight on the latent positions of objects (see _latent_object_weight)
     ema: float = 0.999
@@ -374,21 +375,27 @@ def _flow_loss(dit, encoder, tokenizer, x0, scenes, rng, gen, budget: Budget, de
     prompts = ["" if rng.random() < budget.uncond_share else
                (world.prompt(s) if rng.random() < 0.5 else world.paraphrase(s, rng)) for s in scenes]
     ids, mask = tokenizer(prompts, max_length=DIT_CONFIG.text_len)
-    b = x0.shape[0]
+    b, _, f, h, w = x0.shape
     # Wan's parameterisation: x_s = (1 - s) x0 + s noise, target v = noise - x0; s drawn with the sampler's shift.
-    u = torch.rand(b, generator=gen)
-    sigma = sampling.shift_sigmas(u, 3.0).float().to(device)
+    sigma = sampling.shift_sigmas(torch.rand(b, generator=gen), 3.0).float()
+    frame_sigma = sigma[:, None].repeat(1, f)                                              # [B, F]
+    keep = torch.ones_like(x0[:, :1])
+    if i2v and f > 1:
+        mode = torch.rand(b, generator=gen)
+        # Image-to-video: a clean first latent frame with timestep 0 on its tokens, left out of the loss.
+        pinned = mode < budget.i2v_share
+        frame_sigma[pinned, 0] = 0
+        keep[pinned, :, 0] = 0
+        # Every frame at a noise level of its own ("diffusion forcing"): each clip then teaches the model to carry
+        # an object from its cleaner frames into its noisier ones, which image-to-video and a steady clip need and
+        # which equal noise on all frames teaches only slowly.
+        forced = (mode >= budget.i2v_share) & (mode < budget.i2v_share + budget.forcing_share)
+        frame_sigma[forced] = sampling.shift_sigmas(torch.rand(int(forced.sum()), f, generator=gen), 3.0).float()
     noise = torch.randn(x0.shape, generator=gen).to(device)
-    s = sigma.view(b, 1, 1, 1, 1)
+    s = frame_sigma.to(device).view(b, 1, f, 1, 1)
     xt = (1 - s) * x0 + s * noise
     target = noise - x0
-    # Image-to-video: some clips keep a clean first latent frame, with timestep 0 on its tokens.
-    keep = torch.ones_like(x0[:, :1])
-    if i2v:
-        pinned = torch.rand(b, generator=gen) < budget.i2v_share
-        keep[pinned, :, 0] = 0
-        xt = xt * keep + x0 * (1 - keep)
-    t = sampling.token_timesteps(sigma * 1000, keep[:, 0], patch=DIT_CONFIG.patch_size)
+    t = sampling.token_timesteps(1000.0, s[:, 0].expand(b, f, h, w), patch=DIT_CONFIG.patch_size)
     with _autocast(device):
         emb = encoder(ids.to(device), mask.to(device))
         context = [e[: int(m.sum())] for e, m in zip(emb, mask)]
