@@ -1,0 +1,82 @@
+"""How a built-in VAE codes the Shapes World: what its reconstructions score, and how alike one object's code is from
+one latent frame to the next.
+
+The transformer has to carry an object from latent frame to latent frame. With Wan's causal VAE the first latent
+frame codes one picture and each later one four frames, and nothing in reconstruction training makes the codes of
+the same object agree across them. This script measures that, on rendered single-object clips:
+
+- reconstruction: the evaluator's verdict on the decoded clips (the ceiling for anything the model generates);
+- per latent frame, the size of the object's code (its departure from the clip's background code, at its peak);
+- per latent frame, the cosine between that code and the first frame's (1 = the same direction).
+
+    python benchmarks/latent_space.py                          # pipeline/builtin/zoetrope_builtin_vae.safetensors
+    python benchmarks/latent_space.py --vae builtin-training/vae.pt --clips 48
+
+A `.pt` file is a `zoetrope train-builtin` checkpoint (the vae or decoder stage); its latent statistics are
+measured here as the training command does.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from zoetrope.pipeline import builtin, load_vae
+from zoetrope.pipeline.vae import WanVAE
+from zoetrope.pipeline.world import evaluate, scene as world, train
+
+
+def load(path: str) -> WanVAE:
+    if not path.endswith(".pt"):
+        return load_vae(path, dtype=torch.float32)
+    vae = WanVAE(train.VAE_CONFIG)
+    vae.load_state_dict(torch.load(path, weights_only=False)["model"])
+    vae.eval()
+    mean, std = train.latent_stats(vae, 1234, torch.device("cpu"), 32)
+    vae.config = replace(vae.config, latents_mean=tuple(mean), latents_std=tuple(std))
+    return vae
+
+
+def object_codes(z: torch.Tensor) -> torch.Tensor:
+    """z [z, T', H', W'] normalised latent of a one-object clip -> [T', z]: the object's code in each latent
+    frame, taken where the latent departs most from the frame's background (its median code)."""
+    background = z.flatten(2).median(dim=2).values[..., None, None]
+    departure = z - background
+    peak = departure.norm(dim=0).flatten(1).argmax(dim=1)                      # [T'] flat positions
+    return torch.stack([departure[:, f].flatten(1)[:, int(i)] for f, i in enumerate(peak)])
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--vae", default=str(builtin.VAE))
+    ap.add_argument("--clips", type=int, default=24)
+    ap.add_argument("--seed", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    vae = load(args.vae)
+    rng = np.random.default_rng(args.seed)
+    scenes = [world.sample_scene(rng, 1) for _ in range(args.clips)]
+    video = torch.from_numpy(np.stack([world.render(s) for s in scenes])).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    z = vae.normalize(vae.encode(video))
+    decoded = vae.decode(vae.denormalize(z))
+    verdict = evaluate.summarise([evaluate.score(evaluate.to_frames(d), world.prompt(s))
+                                  for d, s in zip(decoded, scenes)])
+    codes = [object_codes(c) for c in z]
+    size = np.stack([c.norm(dim=1).numpy() for c in codes])
+    cosine = np.stack([torch.nn.functional.cosine_similarity(c[:1], c, dim=1).numpy() for c in codes])
+    print(f"{args.vae}: {args.clips} clips")
+    print(f"reconstruction judged correct: all {verdict['single_all']:.0%}, colour {verdict['single_colour']:.0%}, "
+          f"shape {verdict['single_shape']:.0%}, motion {verdict['single_motion']:.0%}")
+    print("latent frame                    " + " ".join(f"{f:>6d}" for f in range(size.shape[1])))
+    print("object code size (median)       " + " ".join(f"{v:6.2f}" for v in np.median(size, 0)))
+    print("cosine to frame 0 (median)      " + " ".join(f"{v:6.2f}" for v in np.median(cosine, 0)))
+    print("cosine to frame 0 (worst clip)  " + " ".join(f"{v:6.2f}" for v in cosine.min(0)))
+
+
+if __name__ == "__main__":
+    main()
