@@ -14,7 +14,7 @@ Stages, each resumable (a checkpoint every few minutes; a finished stage is skip
 
 Everything is seeded. One command runs the stages in order, using every core:
     zoetrope train-builtin --work builtin-training
-On a 2-core CPU that is roughly VAE 30 min, decoder 50-75, latent pool 8, transformer 85 (see Budget). After the
+On a 2-core CPU that is roughly VAE 20-30 min, decoder 50-75, latent pool 8, transformer 80 (see Budget). After the
 VAE, `--only decoder` and `--only transformer` may also run in two shells at once (one thread each), which is
 quicker for the decoder and slower for the transformer. A GPU, when present, is used and takes minutes.
 """
@@ -57,7 +57,7 @@ DIT_CONFIG = DiTConfig(dim=192, ffn_dim=768, num_heads=3, num_layers=6, in_dim=1
 @dataclass(frozen=True)
 class Budget:
     """Steps per stage: the shipped weights' recipe. On a 2-core CPU the VAE takes ~30 min (2 threads), the
-    decoder ~75 min (one thread, beside another stage), the latent pool ~8 and the transformer ~85 (2 threads,
+    decoder ~75 min (one thread, beside another stage), the latent pool ~8 and the transformer ~80 (2 threads,
     ~0.7 s a step). --smoke runs seconds."""
     vae_steps: int = 1800
     decoder_steps: int = 6000
