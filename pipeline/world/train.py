@@ -236,8 +236,9 @@ def _anchor_loss(vae: WanVAE, video: torch.Tensor, mu: torch.Tensor) -> torch.Te
     reconstruction alone lets it code the same object differently in each (measured: median cosine 0.2-0.35 between
     an object's code in frame 0 and in later frames, often opposite). The transformer then cannot carry an object
     from one latent frame into the next, which image-to-video and a steady clip need. With this term the cosine is
-    ~0.95 at the same reconstruction quality (benchmarks/latent_space.py). The target is held fixed and the latent
-    noise has a fixed size: otherwise the encoder meets this term by coding every clip as the same constant."""
+    ~0.95 at the same reconstruction quality (benchmarks/latent_space.py). Keep it a plain, small distance to a
+    fixed target, with fixed-size latent noise: versions with the target free or the distance divided by the
+    latents' spread were met by coding every clip as one constant."""
     tc = vae.temporal_compression
     idx = list(range(0, video.shape[2], tc))                                     # one frame a chunk: its last
     n, c, k = video.shape[0], video.shape[1], len(idx)
