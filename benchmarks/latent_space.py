@@ -18,8 +18,6 @@ measured here as the training command does.
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
-
 import numpy as np
 import torch
 
@@ -34,8 +32,7 @@ def load(path: str) -> WanVAE:
     vae = WanVAE(train.VAE_CONFIG)
     vae.load_state_dict(torch.load(path, weights_only=False)["model"])
     vae.eval()
-    mean, std = train.latent_stats(vae, 1234, torch.device("cpu"), 32)
-    vae.config = replace(vae.config, latents_mean=tuple(mean), latents_std=tuple(std))
+    train.attach_latent_stats(vae, 1234, torch.device("cpu"), 32)
     return vae
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import sampling
+from .. import builtin, sampling
 from ..config import DiTConfig, TextEncoderConfig, VAEConfig
 from ..dit import WanModel
 from ..text_encoder import TextEncoder, UMT5Encoder
@@ -259,6 +259,14 @@ def latent_stats(vae: WanVAE, seed: int, device, n: int = 64) -> tuple[list[floa
     return zs.mean(1).tolist(), zs.std(1).clamp_min(1e-3).tolist()
 
 
+def attach_latent_stats(vae: WanVAE, seed: int, device, n: int) -> tuple[list[float], list[float]]:
+    """Measure the latent statistics of a VAE fresh from training and set them in its config, so that
+    normalize/denormalize work as they will in the exported file. Returns (mean, std)."""
+    mean, std = latent_stats(vae, seed, device, n)
+    vae.config = replace(vae.config, latents_mean=tuple(mean), latents_std=tuple(std))
+    return mean, std
+
+
 def train_tokenizer(work: Path, seed: int, vocab_size: int) -> bytes:
     path = work / "spiece.model"
     if path.exists():
@@ -402,9 +410,8 @@ def _flow_loss(dit, encoder, tokenizer, x0, scenes, rng, gen, budget: Budget, de
                (world.prompt(s) if rng.random() < 0.5 else world.paraphrase(s, rng)) for s in scenes]
     ids, mask = tokenizer(prompts, max_length=DIT_CONFIG.text_len)
     b, _, f, h, w = x0.shape
-    # Wan's parameterisation: x_s = (1 - s) x0 + s noise, target v = noise - x0; s drawn with the sampler's shift.
-    sigma = sampling.shift_sigmas(torch.rand(b, generator=gen), 3.0).float()
-    frame_sigma = sigma[:, None].repeat(1, f)                                              # [B, F]
+    # Wan's parameterisation: x_s = (1 - s) x0 + s noise, target v = noise - x0.
+    frame_sigma = _draw_sigmas(gen, b)[:, None].repeat(1, f)                               # [B, F]
     keep = torch.ones_like(x0[:, :1])
     if i2v and f > 1:
         mode = torch.rand(b, generator=gen)
@@ -416,7 +423,7 @@ def _flow_loss(dit, encoder, tokenizer, x0, scenes, rng, gen, budget: Budget, de
         # an object from its cleaner frames into its noisier ones, which image-to-video and a steady clip need and
         # which equal noise on all frames teaches only slowly.
         forced = (mode >= budget.i2v_share) & (mode < budget.i2v_share + budget.forcing_share)
-        frame_sigma[forced] = sampling.shift_sigmas(torch.rand(int(forced.sum()), f, generator=gen), 3.0).float()
+        frame_sigma[forced] = _draw_sigmas(gen, int(forced.sum()), f)
     noise = torch.randn(x0.shape, generator=gen).to(device)
     s = frame_sigma.to(device).view(b, 1, f, 1, 1)
     xt = (1 - s) * x0 + s * noise
@@ -428,6 +435,12 @@ def _flow_loss(dit, encoder, tokenizer, x0, scenes, rng, gen, budget: Budget, de
         v = dit(xt, t, context)
     weight = keep * _latent_object_weight(x0, budget.object_weight)
     return (((v.float() - target) ** 2) * weight).sum() / (weight.sum() * x0.shape[1])
+
+
+def _draw_sigmas(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    """Training noise levels: uniform, then shifted as the built-in model's sampler shifts its schedule, so the
+    steps it takes at high noise are the ones trained most."""
+    return sampling.shift_sigmas(torch.rand(*shape, generator=gen), builtin.DEFAULTS["shift"]).float()
 
 
 def _latent_object_weight(x0: torch.Tensor, strength: float) -> torch.Tensor:
@@ -467,7 +480,6 @@ def export(out: Path, vae: WanVAE, vae_stats, dit: WanModel, text_encoder: TextE
         return {k: v.detach().to(torch.bfloat16 if v.is_floating_point() else v.dtype).contiguous().cpu()
                 for k, v in sd.items()}
 
-    from .. import builtin
     name = "Zoetrope built-in (Shapes World)"
     save_file(half(vae.state_dict()), str(out / builtin.VAE.name), metadata=config_metadata(vae_cfg, "builtin", name))
     save_file(half(dit.state_dict()), str(out / builtin.TRANSFORMER.name),
@@ -478,14 +490,17 @@ def export(out: Path, vae: WanVAE, vae_stats, dit: WanModel, text_encoder: TextE
     save_file(te_sd, str(out / builtin.TEXT_ENCODER.name), metadata=config_metadata(te_config, "builtin", name))
 
 
+# Budget fields the command line may override (--vae-steps etc.).
+_BUDGET_FLAGS = ("vae_steps", "decoder_steps", "dit_steps", "pool_clips", "dit_batch", "image_batch", "vae_batch")
+
+
 def main(argv=None) -> int:
-    from ..builtin import FOLDER
     ap = argparse.ArgumentParser(prog="zoetrope train-builtin", description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="builtin-training", help="folder for checkpoints and the log (resumable)")
-    ap.add_argument("--out", default=str(FOLDER), help="where the three safetensors files are written")
+    ap.add_argument("--out", default=str(builtin.FOLDER), help="where the three safetensors files are written")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--smoke", action="store_true", help="a few steps of every stage (seconds), for tests")
-    for f in ("vae_steps", "decoder_steps", "dit_steps", "pool_clips", "dit_batch", "image_batch", "vae_batch"):
+    for f in _BUDGET_FLAGS:
         ap.add_argument("--" + f.replace("_", "-"), type=int, default=None)
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads (default: all cores; 1 is faster when other programs share the cores)")
@@ -494,8 +509,7 @@ def main(argv=None) -> int:
                          "the same time in two shells); 'export' writes the files from the stages' checkpoints")
     args = ap.parse_args(argv)
     budget = SMOKE if args.smoke else Budget()
-    overrides = {f: getattr(args, f) for f in ("vae_steps", "decoder_steps", "dit_steps", "pool_clips", "dit_batch", "image_batch", "vae_batch")
-                 if getattr(args, f) is not None}
+    overrides = {f: getattr(args, f) for f in _BUDGET_FLAGS if getattr(args, f) is not None}
     budget = replace(budget, **overrides)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -516,8 +530,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     only = args.only
     vae = train_vae(work, budget, args.seed, device, progress)
-    stats = latent_stats(vae, args.seed, device, budget.stats_clips)
-    vae.config = replace(vae.config, latents_mean=tuple(stats[0]), latents_std=tuple(stats[1]))
+    stats = attach_latent_stats(vae, args.seed, device, budget.stats_clips)
     log.info("vae done at %.1f min", (time.time() - t0) / 60)
     if only in (None, "decoder"):
         decoded = train_decoder(work, vae, budget, args.seed, device, progress)
