@@ -39,6 +39,23 @@ def test_training_smoke_run_writes_files_the_public_loaders_read(tmp_path):
         "decoder.done", "latents.done", "transformer.done", "vae.done"]
 
 
+@pytest.mark.parametrize("beside_fails", [False, True])
+def test_on_two_cores_the_decoder_trains_in_a_process_beside_the_transformer(tmp_path, monkeypatch, beside_fails):
+    if beside_fails:   # the second process cannot start its work: the decoder stage runs in this one afterwards
+        monkeypatch.setattr(train.sys, "executable", "false")
+    work, out, threads = tmp_path / "work", tmp_path / "out", torch.get_num_threads()
+    try:
+        assert train.main(["--smoke", "--work", str(work), "--out", str(out), "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2, "the transformer took both cores back"
+    finally:
+        torch.set_num_threads(threads)
+    assert (work / "decoder.done").exists() and len(list(out.iterdir())) == 3
+    log_text = (work / "train.log").read_text()
+    assert "decoder stage started beside the transformer" in log_text
+    assert ("the decoder process failed" in log_text) == beside_fails
+    assert log_text.count("decoder done") == 1 + (not beside_fails)  # the process beside logs it too, when it runs it
+
+
 def test_an_unfinished_stage_resumes_from_its_checkpoint(tmp_path):
     work = tmp_path / "work"
     args = ["--smoke", "--work", str(work), "--out", str(tmp_path / "out"), "--only", "vae", "--threads", "1"]

@@ -12,11 +12,13 @@ Stages, each resumable (a checkpoint every few minutes; a finished stage is skip
                  per-token timesteps, as Wan 2.2 TI2V does)
   5. export      the three safetensors files the loaders read
 
-Everything is seeded. One command runs the stages in order, using every core:
+Everything is seeded. One command runs them all:
     zoetrope train-builtin --work builtin-training
-On a 2-core CPU that is roughly VAE 20-30 min, decoder 50-75, latent pool 8, transformer 80 (see Budget). After the
-VAE, `--only decoder` and `--only transformer` may also run in two shells at once (one thread each), which is
-quicker for the decoder and slower for the transformer. A GPU, when present, is used and takes minutes.
+On a CPU with several cores, the decoder stage runs in a second process on one core beside the latent pool and the
+transformer, and the transformer takes every core once the decoder is done: two one-thread processes do more work
+than one two-thread process (the transformer runs 1.08 s a step on one thread of this 2-core machine and 0.69 s
+on two). On a 2-core CPU: VAE ~23 min, then decoder ~65 min beside transformer ~105 min; about 2 h 10 min in
+all (see Budget). `--only STAGE` runs one stage. A GPU, when present, is used and takes minutes.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ import io
 import logging
 import math
 import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -56,9 +60,9 @@ DIT_CONFIG = DiTConfig(dim=192, ffn_dim=768, num_heads=3, num_layers=6, in_dim=1
 
 @dataclass(frozen=True)
 class Budget:
-    """Steps per stage: the shipped weights' recipe. On a 2-core CPU the VAE takes ~30 min (2 threads), the
-    decoder ~75 min (one thread, beside another stage), the latent pool ~8 and the transformer ~80 (2 threads,
-    ~0.7 s a step). --smoke runs seconds."""
+    """Steps per stage: the shipped weights' recipe. On a 2-core CPU the VAE takes ~23 min (2 threads), the
+    decoder ~65 min (1 thread, 1.5 steps a second) beside the latent pool ~5 and the transformer (1.08 s a step on
+    1 thread, then 0.69 s on 2): ~2 h 10 min in all. --smoke runs seconds."""
     vae_steps: int = 1800
     decoder_steps: int = 6000
     vae_batch: int = 12
@@ -161,7 +165,7 @@ def train_vae(work: Path, budget: Budget, seed: int, device: torch.device, progr
 
 def train_decoder(work: Path, vae: WanVAE, budget: Budget, seed: int, device: torch.device, progress) -> WanVAE:
     """Stage 2: the decoder alone, the encoder frozen, on longer clips. The latent space no longer moves, so the
-    transformer stages can run at the same time (`--only decoder` and `--only transformer` in two shells)."""
+    transformer stages can run at the same time (main() runs this one in a second process)."""
     vae = copy.deepcopy(vae)
     vae.encoder.requires_grad_(False)
     vae.conv1.requires_grad_(False)
@@ -335,7 +339,10 @@ def _pool_scene(seed: int, i: int):
     return world.sample_scene(rng, 1 if rng.random() < 0.55 else 2)
 
 
-def train_transformer(work: Path, pool: dict, spiece: bytes, budget: Budget, seed: int, device, progress):
+def train_transformer(work: Path, pool: dict, spiece: bytes, budget: Budget, seed: int, device, progress,
+                      each_step=lambda: None):
+    """Stage 4. `each_step` is called after every optimiser step (main() widens the thread count there once the
+    decoder process beside it has finished)."""
     stage = Stage(work, "transformer")
     torch.manual_seed(seed + 2)
     tokenizer = Tokenizer.from_bytes(spiece)
@@ -393,6 +400,7 @@ def train_transformer(work: Path, pool: dict, spiece: bytes, budget: Budget, see
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
+        each_step()
         if step % 100 == 0:
             log.info("transformer step %d loss %.5f", step, loss.item())
         if time.time() - last_save > 180 or step == budget.dit_steps:
@@ -490,6 +498,41 @@ def export(out: Path, vae: WanVAE, vae_stats, dit: WanModel, text_encoder: TextE
     save_file(te_sd, str(out / builtin.TEXT_ENCODER.name), metadata=config_metadata(te_config, "builtin", name))
 
 
+class _DecoderBeside:
+    """The decoder stage in a second process on one core while this one trains the transformer on one; when it
+    ends, this process takes every core back. Its messages go to the same train.log."""
+
+    def __init__(self, work: Path, args, overrides: dict):
+        self.threads = torch.get_num_threads()
+        cmd = [sys.executable, "-m", f"{__package__}.train", "--work", str(work), "--seed", str(args.seed),
+               "--only", "decoder", "--threads", "1", "--quiet"] + (["--smoke"] if args.smoke else [])
+        for f, v in overrides.items():
+            cmd += ["--" + f.replace("_", "-"), str(v)]
+        self.errors = work / "decoder-process.txt"
+        with open(self.errors, "w") as err:
+            self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        torch.set_num_threads(1)
+        log.info("decoder stage started beside the transformer (process %d)", self.process.pid)
+
+    def poll(self):
+        if self.threads and self.process.poll() is not None:
+            torch.set_num_threads(self.threads)
+            self.threads = 0
+            log.info("decoder process ended (exit %d); the transformer now uses every core", self.process.returncode)
+
+    def wait(self):
+        self.process.wait()
+        if self.process.returncode:
+            log.warning("the decoder process failed (exit %d); running the decoder stage here instead:\n%s",
+                        self.process.returncode, self.errors.read_text()[-2000:])
+        self.poll()
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait()
+
+
 # Budget fields the command line may override (--vae-steps etc.).
 _BUDGET_FLAGS = ("vae_steps", "decoder_steps", "dit_steps", "pool_clips", "dit_batch", "image_batch", "vae_batch")
 
@@ -504,9 +547,10 @@ def main(argv=None) -> int:
         ap.add_argument("--" + f.replace("_", "-"), type=int, default=None)
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads (default: all cores; 1 is faster when other programs share the cores)")
+    ap.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)   # no progress bars (the process beside)
     ap.add_argument("--only", choices=("vae", "decoder", "transformer", "export"), default=None,
-                    help="run one stage (after the VAE, 'decoder' and 'transformer' are independent and can run at "
-                         "the same time in two shells); 'export' writes the files from the stages' checkpoints")
+                    help="run one stage (the VAE's first when it is not done; 'decoder' and 'transformer' are "
+                         "independent of each other); 'export' writes the files from the stages' checkpoints")
     args = ap.parse_args(argv)
     budget = SMOKE if args.smoke else Budget()
     overrides = {f: getattr(args, f) for f in _BUDGET_FLAGS if getattr(args, f) is not None}
@@ -525,25 +569,43 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     def progress(total, name, initial):
-        return tqdm(total=total, initial=initial, desc=name, dynamic_ncols=True, disable=args.smoke)
+        return tqdm(total=total, initial=initial, desc=name, dynamic_ncols=True, disable=args.smoke or args.quiet)
 
     t0 = time.time()
     only = args.only
     vae = train_vae(work, budget, args.seed, device, progress)
     stats = attach_latent_stats(vae, args.seed, device, budget.stats_clips)
     log.info("vae done at %.1f min", (time.time() - t0) / 60)
-    if only in (None, "decoder"):
-        decoded = train_decoder(work, vae, budget, args.seed, device, progress)
+    beside = None
+    if only is None and device.type == "cpu" and torch.get_num_threads() >= 2 and not Stage(work, "decoder").done:
+        beside = _DecoderBeside(work, args, overrides)
+    try:
+        if only == "decoder":
+            train_decoder(work, vae, budget, args.seed, device, progress)
+            log.info("decoder done at %.1f min", (time.time() - t0) / 60)
+        if only in (None, "transformer", "export"):
+            spiece = train_tokenizer(work, args.seed, TEXT_CONFIG.vocab_size)
+            pool = encode_pool(work, vae, budget, args.seed, device, progress) if only != "export" else None
+            log.info("latent pool done at %.1f min", (time.time() - t0) / 60)
+            dit, text_encoder, te_config = train_transformer(work, pool, spiece, budget, args.seed, device, progress,
+                                                             each_step=beside.poll if beside else lambda: None)
+            log.info("transformer done at %.1f min", (time.time() - t0) / 60)
+        if beside:
+            beside.wait()
+    finally:
+        if beside:
+            beside.stop()
+    if only is None:
+        # Resumes (or, if the process beside failed, finishes) the decoder stage; returns at once when it is done.
+        train_decoder(work, vae, budget, args.seed, device, progress)
         log.info("decoder done at %.1f min", (time.time() - t0) / 60)
-    if only in (None, "transformer", "export"):
-        spiece = train_tokenizer(work, args.seed, TEXT_CONFIG.vocab_size)
-        pool = encode_pool(work, vae, budget, args.seed, device, progress) if only != "export" else None
-        log.info("latent pool done at %.1f min", (time.time() - t0) / 60)
-        dit, text_encoder, te_config = train_transformer(work, pool, spiece, budget, args.seed, device, progress)
-        log.info("transformer done at %.1f min", (time.time() - t0) / 60)
     if only in (None, "export"):
         decoded = _latest(Stage(work, "decoder"), vae)
         export(Path(args.out), decoded, stats, dit, text_encoder, te_config, spiece)
         log.info("exported to %s after %.1f min", args.out, (time.time() - t0) / 60)
         print(f"wrote the built-in model to {args.out} in {(time.time() - t0) / 60:.1f} min")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
