@@ -48,6 +48,11 @@ def object_codes(z: torch.Tensor) -> torch.Tensor:
     return torch.stack([departure[:, f].flatten(1)[:, int(i)] for f, i in enumerate(peak)])
 
 
+def channel_error(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor) -> float:
+    """Mean over the pixels `where` of the largest channel difference, in 0-255 steps (frames in -1..1)."""
+    return (a - b).abs().amax(dim=1, keepdim=True)[where].mean().item() * 127.5
+
+
 @torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -70,9 +75,9 @@ def main() -> None:
     # shows an object (the backgrounds are easy and would hide the difference).
     blend = vae.decode(vae.denormalize(0.5 * (z + z.roll(1, dims=0))))
     target = 0.5 * (video + video.roll(1, dims=0))
-    objects = (train._object_weight(video) + train._object_weight(video.roll(1, dims=0))) > 2
-    blend_error = ((blend - target).abs().amax(dim=1, keepdim=True)[objects]).mean().item() * 127.5
-    recon_error = ((decoded - video).abs().amax(dim=1, keepdim=True)[train._object_weight(video) > 1]).mean().item() * 127.5
+    objects = train._object_weight(video) > 1
+    recon_error = channel_error(decoded, video, objects)
+    blend_error = channel_error(blend, target, objects | objects.roll(1, dims=0))
     codes = [object_codes(c) for c in z]
     size = np.stack([c.norm(dim=1).numpy() for c in codes])
     cosine = np.stack([torch.nn.functional.cosine_similarity(c[:1], c, dim=1).numpy() for c in codes])

@@ -11,6 +11,8 @@ def builtin_model_dir(tmp_path_factory):
     from zoetrope.pipeline import builtin
     if builtin.available():
         return builtin.FOLDER
+    from dataclasses import replace
+
     import torch
     from zoetrope.pipeline.dit import WanModel
     from zoetrope.pipeline.text_encoder import TextEncoder, UMT5Encoder
@@ -21,13 +23,13 @@ def builtin_model_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("builtin")
     torch.manual_seed(0)
     spiece = train.train_tokenizer(out, 0, train.TEXT_CONFIG.vocab_size)
-    vae = WanVAE(train.VAE_CONFIG)
-    dit = WanModel(train.DIT_CONFIG)
-    te = TextEncoder(UMT5Encoder(train.TEXT_CONFIG), Tokenizer.from_bytes(spiece))
     z = train.VAE_CONFIG.z_dim
     # Latent statistics that are not the identity, so a missing (de)normalisation shows.
-    stats = ([0.1 * (i % 5) - 0.2 for i in range(z)], [0.5 + 0.1 * (i % 7) for i in range(z)])
-    train.export(out, vae, stats, dit, te, train.TEXT_CONFIG, spiece)
+    vae = WanVAE(replace(train.VAE_CONFIG, latents_mean=tuple(0.1 * (i % 5) - 0.2 for i in range(z)),
+                         latents_std=tuple(0.5 + 0.1 * (i % 7) for i in range(z))))
+    dit = WanModel(train.DIT_CONFIG)
+    te = TextEncoder(UMT5Encoder(train.TEXT_CONFIG), Tokenizer.from_bytes(spiece))
+    train.export(out, vae, dit, te, train.TEXT_CONFIG, spiece)
     return out
 
 

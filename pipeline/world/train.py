@@ -263,12 +263,11 @@ def latent_stats(vae: WanVAE, seed: int, device, n: int = 64) -> tuple[list[floa
     return zs.mean(1).tolist(), zs.std(1).clamp_min(1e-3).tolist()
 
 
-def attach_latent_stats(vae: WanVAE, seed: int, device, n: int) -> tuple[list[float], list[float]]:
+def attach_latent_stats(vae: WanVAE, seed: int, device, n: int) -> None:
     """Measure the latent statistics of a VAE fresh from training and set them in its config, so that
-    normalize/denormalize work as they will in the exported file. Returns (mean, std)."""
+    normalize/denormalize work as they will in the exported file (export() writes that config)."""
     mean, std = latent_stats(vae, seed, device, n)
     vae.config = replace(vae.config, latents_mean=tuple(mean), latents_std=tuple(std))
-    return mean, std
 
 
 def train_tokenizer(work: Path, seed: int, vocab_size: int) -> bytes:
@@ -475,24 +474,24 @@ def _cosine(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
 
 
-def export(out: Path, vae: WanVAE, vae_stats, dit: WanModel, text_encoder: TextEncoder, te_config, spiece: bytes):
-    """Write the three files in the official layouts our loaders read, configs in the header metadata."""
+def export(out: Path, vae: WanVAE, dit: WanModel, text_encoder: TextEncoder, te_config, spiece: bytes):
+    """Write the three files in the official layouts our loaders read, configs in the header metadata. The VAE's
+    config carries its latent statistics (attach_latent_stats)."""
     from safetensors.torch import save_file
 
     from ..checkpoints import config_metadata
     out.mkdir(parents=True, exist_ok=True)
-    mean, std = vae_stats
-    vae_cfg = replace(VAE_CONFIG, latents_mean=tuple(mean), latents_std=tuple(std))
 
     def half(sd):   # bf16 halves the repository size; the models compute in float32 on a CPU by default
         return {k: v.detach().to(torch.bfloat16 if v.is_floating_point() else v.dtype).contiguous().cpu()
                 for k, v in sd.items()}
 
     name = "Zoetrope built-in (Shapes World)"
-    save_file(half(vae.state_dict()), str(out / builtin.VAE.name), metadata=config_metadata(vae_cfg, "builtin", name))
+    stats = {"latents_mean": list(vae.config.latents_mean), "latents_std": list(vae.config.latents_std)}
+    save_file(half(vae.state_dict()), str(out / builtin.VAE.name),
+              metadata=config_metadata(vae.config, "builtin", name))
     save_file(half(dit.state_dict()), str(out / builtin.TRANSFORMER.name),
-              metadata=config_metadata(DIT_CONFIG, "builtin", name, latents_mean=list(mean), latents_std=list(std),
-                                       **builtin.DEFAULTS))
+              metadata=config_metadata(DIT_CONFIG, "builtin", name, **stats, **builtin.DEFAULTS))
     te_sd = half(text_encoder.encoder.state_dict())
     te_sd["spiece_model"] = torch.frombuffer(bytearray(spiece), dtype=torch.uint8)
     save_file(te_sd, str(out / builtin.TEXT_ENCODER.name), metadata=config_metadata(te_config, "builtin", name))
@@ -574,15 +573,12 @@ def main(argv=None) -> int:
     t0 = time.time()
     only = args.only
     vae = train_vae(work, budget, args.seed, device, progress)
-    stats = attach_latent_stats(vae, args.seed, device, budget.stats_clips)
+    attach_latent_stats(vae, args.seed, device, budget.stats_clips)
     log.info("vae done at %.1f min", (time.time() - t0) / 60)
     beside = None
     if only is None and device.type == "cpu" and torch.get_num_threads() >= 2 and not Stage(work, "decoder").done:
         beside = _DecoderBeside(work, args, overrides)
     try:
-        if only == "decoder":
-            train_decoder(work, vae, budget, args.seed, device, progress)
-            log.info("decoder done at %.1f min", (time.time() - t0) / 60)
         if only in (None, "transformer", "export"):
             spiece = train_tokenizer(work, args.seed, TEXT_CONFIG.vocab_size)
             pool = encode_pool(work, vae, budget, args.seed, device, progress) if only != "export" else None
@@ -595,13 +591,13 @@ def main(argv=None) -> int:
     finally:
         if beside:
             beside.stop()
-    if only is None:
-        # Resumes (or, if the process beside failed, finishes) the decoder stage; returns at once when it is done.
+    if only in (None, "decoder"):
+        # After a process beside, this returns at once (the stage is done) or, if that process failed, finishes it.
         train_decoder(work, vae, budget, args.seed, device, progress)
         log.info("decoder done at %.1f min", (time.time() - t0) / 60)
     if only in (None, "export"):
         decoded = _latest(Stage(work, "decoder"), vae)
-        export(Path(args.out), decoded, stats, dit, text_encoder, te_config, spiece)
+        export(Path(args.out), decoded, dit, text_encoder, te_config, spiece)
         log.info("exported to %s after %.1f min", args.out, (time.time() - t0) / 60)
         print(f"wrote the built-in model to {args.out} in {(time.time() - t0) / 60:.1f} min")
     return 0
