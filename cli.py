@@ -26,7 +26,7 @@ def _generate(argv) -> int:
     ap.add_argument("--steps", type=int, default=None, help="default: the model's recommendation")
     ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
     ap.add_argument("--shift", type=float, default=None, help="flow shift of the sigma schedule")
-    ap.add_argument("--solver", choices=("unipc", "euler"), default=None)
+    ap.add_argument("--solver", choices=("unipc", "euler", "euler_ancestral"), default=None)
     ap.add_argument("--fps", type=float, default=None)
     ap.add_argument("--image", default=None, help="a first frame (PNG/JPEG) for image-to-video")
     ap.add_argument("--model", default=None, help="transformer file (diffusion_models)")

@@ -16,7 +16,7 @@ from .preview import sampler_preview
 log = logging.getLogger("zoetrope")
 
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
-SOLVER_CHOICES = ["auto", "unipc", "euler"]
+SOLVER_CHOICES = ["auto", "unipc", "euler", "euler_ancestral"]
 
 
 class ZoetropeTextEncode:
@@ -87,12 +87,13 @@ class ZoetropeVideoNoise:
         for note in p.notes:
             host.notice(note, unique_id)
         samples = seeded_noise((batch, *p.latent_shape), seed).to(host.intermediate_device())
-        return ({"samples": samples},)
+        # The seed travels with the noise: a stochastic solver seeds the noise it adds with it.
+        return ({"samples": samples, "seed": seed},)
 
 
 class ZoetropeSampler:
     DESCRIPTION = ("Turns noise into a clip's latent with the transformer, guided by the prompts (flow matching, "
-                   "UniPC or Euler). 0 or 'auto' in steps, cfg, shift and solver take the model's recommended "
+                   "UniPC, Euler or Euler ancestral). 0 or 'auto' in steps, cfg, shift and solver take the model's recommended "
                    "values. Connect a start image's latent (ZoetropeVAEEncode) to first_frame for image-to-video, "
                    "or a clip's latent to video with denoise below 1 for video-to-video.")
     CATEGORY = "Zoetrope"
@@ -120,7 +121,10 @@ class ZoetropeSampler:
                                            "(Wan uses 3 to 12); 0 = the model's recommendation."}),
             "solver": (SOLVER_CHOICES, {"default": "auto",
                                         "tooltip": "unipc: the official Wan solver (2nd order). euler: first order, "
-                                                   "ComfyUI's flow Euler schedule. auto = unipc."}),
+                                                   "ComfyUI's flow Euler schedule. euler_ancestral: Euler that adds "
+                                                   "fresh noise every step (seeded by the noise's seed), as "
+                                                   "ComfyUI's euler_ancestral; the built-in model's choice. auto = "
+                                                   "the model's recommendation."}),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                   "tooltip": "1 draws the clip from noise. Below 1 restyles the clip connected to "
                                              "'video', keeping more of it the lower the value."}),
@@ -216,7 +220,8 @@ class ZoetropeSampler:
                     net, noise.to(device), [c.to(device) for c in cond],
                     None if uncond is None else [c.to(device) for c in uncond], steps=steps, cfg=cfg, shift=shift,
                     solver=solver, first_latent=to(first_latent), init_latent=to(init_latent), denoise=denoise,
-                    experts=experts, progress=progress, should_stop=host.check_interrupt)
+                    experts=experts, seed=int(latent.get("seed", 0)), progress=progress,
+                    should_stop=host.check_interrupt)
             finally:
                 if live is not None:
                     live.close()

@@ -117,10 +117,11 @@ def make_denoiser(dit, cond: list[torch.Tensor], uncond: list[torch.Tensor] | No
 def sample(dit, noise: torch.Tensor, cond: list[torch.Tensor], uncond: list[torch.Tensor] | None, *, steps: int,
            cfg: float, shift: float, solver: str = "unipc", first_latent: torch.Tensor | None = None,
            image_condition: torch.Tensor | None = None, init_latent: torch.Tensor | None = None,
-           denoise: float = 1.0, experts=None, progress: Progress | None = None,
+           denoise: float = 1.0, experts=None, seed: int = 0, progress: Progress | None = None,
            should_stop: Callable[[], None] | None = None) -> torch.Tensor:
     """Phase 4 of generate(), shared with the sampler node: noise [B, C, F, H, W] -> clean latent, all in the
-    model's normalised latent space.
+    model's normalised latent space. `seed` seeds the noise a stochastic solver adds on the way (the clip's
+    seed: same seed, same clip).
 
     first_latent [B or 1, C, 1, H, W]: a clean first latent frame to pin (TI2V, the built-in model).
     image_condition: the in_dim-36 models' extra channels. init_latent [B or 1, C, F, H, W]: a clip to restyle,
@@ -145,8 +146,9 @@ def sample(dit, noise: torch.Tensor, cond: list[torch.Tensor], uncond: list[torc
                           pinned_mask=pinned_mask, image_condition=image_condition, experts=experts,
                           should_stop=should_stop)
     callback = None if progress is None else (lambda step, total, x_now, x0_est: progress(step, total, x0_est))
+    extra = {"seed": seed} if solver in sampling.STOCHASTIC else {}
     if len(sigmas) > 1:
-        x = sampling.SOLVERS[solver](model, x, sigmas, callback=callback)
+        x = sampling.SOLVERS[solver](model, x, sigmas, callback=callback, **extra)
     if pinned is not None:
         x = x * pinned_mask + pinned * (1 - pinned_mask)
     return x
@@ -192,7 +194,7 @@ def generate(dit, vae, text_encoder, prompt: str, *, negative_prompt: str = "", 
     # 4. Sample with guidance.
     x = sample(dit, noise, cond, uncond, steps=steps, cfg=cfg, shift=shift, solver=solver,
                first_latent=first_latent, image_condition=image_condition, init_latent=init_latent,
-               denoise=denoise, experts=experts, progress=progress, should_stop=should_stop)
+               denoise=denoise, experts=experts, seed=seed, progress=progress, should_stop=should_stop)
 
     # 5. Decode.
     video = vae.decode(vae.denormalize(x).to(_dtype(vae)), callback=_vae_callback(should_stop))

@@ -11,6 +11,8 @@ on the other side of an integer now and then. Solvers share one signature, in th
 
     sample_x(model, x, sigmas, callback=None) -> x0
 
+(the stochastic ones, listed in STOCHASTIC, also take `seed`).
+
 `model(x, sigma) -> v` is the caller's closure: it gets the float32 latent and one element of `sigmas` (a
 0-dim tensor of the grid's dtype), turns sigma into the network's timestep (see `timesteps`), runs the network
 and applies guidance. `callback(step, total, x, x0_estimate)` runs after every step with `step` counting the
@@ -100,6 +102,43 @@ def sample_euler(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: 
         v = model(x, sigmas[i]).to(torch.float32)
         x0 = x - s[i] * v
         x = x + (s[i + 1] - s[i]) * v
+        if callback is not None:
+            callback(i + 1, total, x, x0)
+    return x
+
+
+_ANCESTRAL_SEED_OFFSET = 0x9E3779B97F4A7C15   # any large constant: seeds n and n + 1 stay far apart
+
+
+def sample_euler_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None,
+                           seed: int = 0, eta: float = 1.0) -> torch.Tensor:
+    """Euler ancestral for flow models, as ComfyUI's `euler_ancestral` steps a flow model (k-diffusion's
+    rectified-flow form): an Euler step down to sigma_down < sigma_next, then fresh noise back up to sigma_next.
+
+    With eta 1, sigma_down = sigma_next^2 / sigma. The fresh noise lets each step revise what the steps before
+    it committed to; a small model whose early guesses average several layouts (two half-objects) draws one
+    object with it where an ODE solver keeps both. eta 0 is plain Euler. The noise comes from a CPU generator,
+    one randn of x's shape a step, so a seed makes the same clip on any device; the generator's seed is offset
+    from `seed` so that its draws are not the starting noise the same seed drew.
+    """
+    sigmas = _check_sigmas(sigmas, "sample_euler_ancestral")
+    s = sigmas.to(torch.float32)
+    x = x.to(torch.float32)                                       # [B, C, F, H, W]
+    gen = torch.Generator(device="cpu").manual_seed((int(seed) + _ANCESTRAL_SEED_OFFSET) % 2 ** 63)
+    total = len(sigmas) - 1
+    for i in range(total):
+        v = model(x, sigmas[i]).to(torch.float32)
+        x0 = x - s[i] * v
+        if s[i + 1] == 0:
+            x = x0
+        else:
+            down = s[i + 1] * (1 + (s[i + 1] / s[i] - 1) * eta)
+            # x at sigma_down, scaled so that its signal part matches sigma_next's (1 - sigma_next) x0; the
+            # noise added makes the noise part's variance sigma_next^2 again.
+            scale = (1 - s[i + 1]) / (1 - down)
+            renoise = (s[i + 1] ** 2 - (down * scale) ** 2).clamp_min(0).sqrt()
+            x = scale * (x + (down - s[i]) * v)
+            x = x + renoise * torch.randn(x.shape, generator=gen).to(x.device)
         if callback is not None:
             callback(i + 1, total, x, x0)
     return x
@@ -201,14 +240,18 @@ def _unipc_update(x: torch.Tensor, s: torch.Tensor, i0: int, i1: int, history: l
     return x_t - alpha_t * b_h * residual
 
 
-SOLVERS: dict[str, Callable[..., torch.Tensor]] = {"euler": sample_euler, "unipc": sample_unipc}
+SOLVERS: dict[str, Callable[..., torch.Tensor]] = {"unipc": sample_unipc, "euler": sample_euler,
+                                                  "euler_ancestral": sample_euler_ancestral}
+# Solvers that draw noise as they go: they take a `seed` keyword.
+STOCHASTIC = frozenset({"euler_ancestral"})
 
 # Each solver's grid in the reference code it follows: the official UniPC schedule; ComfyUI's flow Euler.
-DEFAULT_SCHEDULES: dict[str, Callable[[int, float], torch.Tensor]] = {"euler": flow_sigmas, "unipc": official_sigmas}
+DEFAULT_SCHEDULES: dict[str, Callable[[int, float], torch.Tensor]] = {
+    "unipc": official_sigmas, "euler": flow_sigmas, "euler_ancestral": flow_sigmas}
 
 
 def default_sigmas(solver: str, steps: int, shift: float) -> torch.Tensor:
-    """The sigma grid `solver` is used with by default: official_sigmas for "unipc", flow_sigmas for "euler"."""
+    """The sigma grid `solver` is used with by default: official_sigmas for "unipc", flow_sigmas for the Eulers."""
     if solver not in DEFAULT_SCHEDULES:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(DEFAULT_SCHEDULES)}")
     return DEFAULT_SCHEDULES[solver](steps, shift)

@@ -225,22 +225,24 @@ def test_video_noise_is_core_comfyui_noise_of_the_vae_latent_shape(models, caplo
 # Sampler
 
 
-def run_chain(models, seed=5, frames=5, size=32, steps=2, cfg=0.0, **sampler_kw):
+def run_chain(models, seed=5, frames=5, size=32, steps=2, cfg=0.0, solver="auto", **sampler_kw):
     model, te, vae = models
     noise = ZoetropeVideoNoise().noise(vae, size, size, frames, 1, seed)[0]
-    latent = ZoetropeSampler().sample(model, conditioning(te), conditioning(te, ""), noise, steps, cfg, 0.0, "auto",
+    latent = ZoetropeSampler().sample(model, conditioning(te), conditioning(te, ""), noise, steps, cfg, 0.0, solver,
                                       **sampler_kw)[0]
     return noise, latent
 
 
-def test_the_node_chain_makes_what_generate_makes(models):
-    """Nodes and pipeline.generate() are one code path: the same seed gives the same frames."""
+@pytest.mark.parametrize("solver", ("unipc", "euler_ancestral"))
+def test_the_node_chain_makes_what_generate_makes(models, solver):
+    """Nodes and pipeline.generate() are one code path: the same seed gives the same frames (for a solver that
+    adds noise as it goes too: the seed travels with the noise latent)."""
     from zoetrope.pipeline.generate import generate
     model, te, vae = models
-    _, latent = run_chain(models, seed=9, steps=3, cfg=3.0)
+    _, latent = run_chain(models, seed=9, steps=3, cfg=3.0, solver=solver)
     frames = ZoetropeVAEDecode().decode(vae, latent)[0]
     ref = generate(model.module, vae.module, te.module, PROMPT, negative_prompt="", seed=9, frames=5, width=32,
-                   height=32, steps=3, cfg=3.0, shift=model.defaults["shift"], solver="unipc")
+                   height=32, steps=3, cfg=3.0, shift=model.defaults["shift"], solver=solver)
     assert frames.shape == ref.shape == (5, 32, 32, 3)
     assert (frames - ref).abs().max().item() < 1e-4
 

@@ -43,7 +43,8 @@ def generate_clips(dit, vae, te, prompts: list[str], first_frames: np.ndarray | 
             images = torch.from_numpy(first_frames[start:start + len(chunk)]).float() / 255      # [b, H, W, 3]
             video = torch.cat([frames_to_video(im[None]) for im in images])                      # [b, 3, 1, H, W]
             first = vae.normalize(vae.encode(video.to(device)).float())
-        x = sample(dit, noise, cond, uncond, steps=steps, cfg=cfg, shift=shift, solver=solver, first_latent=first)
+        x = sample(dit, noise, cond, uncond, steps=steps, cfg=cfg, shift=shift, solver=solver, first_latent=first,
+                   seed=seed + start)
         video = vae.decode(vae.denormalize(x))
         out.extend(evaluate.to_frames(v) for v in video)
     return np.stack(out)
