@@ -93,9 +93,9 @@ class ZoetropeVideoNoise:
 
 class ZoetropeSampler:
     DESCRIPTION = ("Turns noise into a clip's latent with the transformer, guided by the prompts (flow matching, "
-                   "UniPC, Euler or Euler ancestral). 0 or 'auto' in steps, cfg, shift and solver take the model's recommended "
-                   "values. Connect a start image's latent (ZoetropeVAEEncode) to first_frame for image-to-video, "
-                   "or a clip's latent to video with denoise below 1 for video-to-video.")
+                   "UniPC, Euler or Euler ancestral). 0 or 'auto' in steps, cfg, shift and solver take the model's "
+                   "recommended values. Connect a start image's latent (ZoetropeVAEEncode) to first_frame for "
+                   "image-to-video, or a clip's latent to video with denoise below 1 for video-to-video.")
     CATEGORY = "Zoetrope"
     FUNCTION = "sample"
     RETURN_TYPES = ("LATENT",)
