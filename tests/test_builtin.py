@@ -71,6 +71,18 @@ def test_an_unfinished_stage_resumes_from_its_checkpoint(tmp_path):
     assert changed, "the resumed run trained one more step"
 
 
+def test_the_transformer_stage_runs_in_two_halves_that_resume_one_another(tmp_path):
+    work = tmp_path / "work"
+    args = ["--smoke", "--work", str(work), "--out", str(tmp_path / "out"), "--threads", "1", "--dit-steps", "4"]
+    train.main(args + ["--only", "transformer-1"])
+    first = torch.load(work / "transformer.pt", weights_only=False)
+    assert first["step"] == 2 and not (work / "transformer.done").exists()
+    train.main(args + ["--only", "transformer-2"])
+    assert torch.load(work / "transformer.pt", weights_only=False)["step"] == 4 and (work / "transformer.done").exists()
+    log_text = (work / "train.log").read_text()
+    assert "transformer-1 (to step 2) done" in log_text and "transformer-2 (to step 4) done" in log_text
+
+
 def test_builtin_model_generates_a_clip_of_the_requested_shape(builtin_model_dir):
     dit = load_transformer(builtin_model_dir / "zoetrope_builtin_transformer.safetensors")
     vae = load_vae(builtin_model_dir / "zoetrope_builtin_vae.safetensors")

@@ -9,16 +9,18 @@ Stages, each resumable (a checkpoint every few minutes; a finished stage is skip
                  of clips encoded once by the frozen encoder (their prompts are redrawn every time)
   4. transformer a Wan-architecture DiT and a umT5-architecture text encoder, trained together by flow matching,
                  for text-to-video and for first-frame image-to-video (a clean first latent frame pinned with
-                 per-token timesteps, as Wan 2.2 TI2V does)
+                 per-token timesteps, as Wan 2.2 TI2V does); run as two halves of one schedule, transformer-1
+                 and transformer-2, so that no stage runs over 90 minutes on a 2-core CPU
   5. export      the three safetensors files the loaders read
 
 Everything is seeded. One command runs them all:
     zoetrope train-builtin --work builtin-training
 On a CPU with several cores, the decoder stage runs in a second process on one core beside the latent pool and the
 transformer, and the transformer takes every core once the decoder is done: two one-thread processes do more work
-than one two-thread process (the transformer runs 1.08 s a step on one thread of this 2-core machine and 0.69 s
-on two). On a 2-core CPU: VAE ~23 min, then decoder ~65 min beside transformer ~105 min; about 2 h 10 min in
-all (see Budget). `--only STAGE` runs one stage. A GPU, when present, is used and takes minutes.
+than one two-thread process (on two threads the transformer runs 1.6 times as fast as on one, not twice). On a
+2-core CPU: VAE ~23 min, then decoder ~65 min beside the latent pool ~5 and the transformer ~105 min (its halves
+~65 and ~40); about 2 h 10 min in all (see Budget). `--only STAGE` runs one stage. A GPU, when present, is used
+and takes minutes.
 """
 from __future__ import annotations
 
@@ -339,9 +341,10 @@ def _pool_scene(seed: int, i: int):
 
 
 def train_transformer(work: Path, pool: dict, spiece: bytes, budget: Budget, seed: int, device, progress,
-                      each_step=lambda: None):
-    """Stage 4. `each_step` is called after every optimiser step (main() widens the thread count there once the
-    decoder process beside it has finished)."""
+                      each_step=lambda: None, until: int | None = None):
+    """Stage 4, up to step `until` (default: the end of the schedule; main() runs it in two halves, each under 90
+    minutes on a 2-core CPU). `each_step` is called after every optimiser step (main() widens the thread count
+    there once the decoder process beside it has finished)."""
     stage = Stage(work, "transformer")
     torch.manual_seed(seed + 2)
     tokenizer = Tokenizer.from_bytes(spiece)
@@ -369,15 +372,16 @@ def train_transformer(work: Path, pool: dict, spiece: bytes, budget: Budget, see
             raise SystemExit(f"nothing to export: {stage.path} does not exist; train the transformer first")
         if not stage.done:
             log.warning("exporting an unfinished transformer stage (step %d)", step)
-    if stage.done or pool is None:
+    end = budget.dit_steps if until is None else min(until, budget.dit_steps)
+    if stage.done or pool is None or step >= end:
         return ema["dit"], TextEncoder(ema["encoder"], tokenizer), te_config
     latents = torch.cat(pool["latents"])                                                 # [N, z, T', H', W']
     scenes = pool["scenes"]
     gen = torch.Generator().manual_seed(seed + 4 + step)
     dit.train()
     encoder.train()
-    last_save, bar = time.time(), progress(budget.dit_steps, "transformer", step)
-    while step < budget.dit_steps:
+    last_save, bar = time.time(), progress(end, "transformer", step)
+    while step < end:
         lr = _cosine(step, budget.dit_steps, budget.lr_dit, warmup=200)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -402,7 +406,7 @@ def train_transformer(work: Path, pool: dict, spiece: bytes, budget: Budget, see
         each_step()
         if step % 100 == 0:
             log.info("transformer step %d loss %.5f", step, loss.item())
-        if time.time() - last_save > 180 or step == budget.dit_steps:
+        if time.time() - last_save > 180 or step == end:
             stage.save({"dit": dit.state_dict(), "encoder": encoder.state_dict(), "ema_dit": ema["dit"].state_dict(),
                         "ema_encoder": ema["encoder"].state_dict(), "opt": opt.state_dict(), "step": step,
                         "rng": rng}, done=step == budget.dit_steps)
@@ -547,9 +551,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads (default: all cores; 1 is faster when other programs share the cores)")
     ap.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)   # no progress bars (the process beside)
-    ap.add_argument("--only", choices=("vae", "decoder", "transformer", "export"), default=None,
+    ap.add_argument("--only", choices=("vae", "decoder", "transformer", "transformer-1", "transformer-2", "export"),
+                    default=None,
                     help="run one stage (the VAE's first when it is not done; 'decoder' and 'transformer' are "
-                         "independent of each other); 'export' writes the files from the stages' checkpoints")
+                         "independent of each other; 'transformer-1' is the first half of the transformer's steps, "
+                         "'transformer-2' the rest); 'export' writes the files from the stages' checkpoints")
     args = ap.parse_args(argv)
     budget = SMOKE if args.smoke else Budget()
     overrides = {f: getattr(args, f) for f in _BUDGET_FLAGS if getattr(args, f) is not None}
@@ -579,13 +585,20 @@ def main(argv=None) -> int:
     if only is None and device.type == "cpu" and torch.get_num_threads() >= 2 and not Stage(work, "decoder").done:
         beside = _DecoderBeside(work, args, overrides)
     try:
-        if only in (None, "transformer", "export"):
+        if only in (None, "transformer", "transformer-1", "transformer-2", "export"):
             spiece = train_tokenizer(work, args.seed, TEXT_CONFIG.vocab_size)
             pool = encode_pool(work, vae, budget, args.seed, device, progress) if only != "export" else None
             log.info("latent pool done at %.1f min", (time.time() - t0) / 60)
-            dit, text_encoder, te_config = train_transformer(work, pool, spiece, budget, args.seed, device, progress,
-                                                             each_step=beside.poll if beside else lambda: None)
-            log.info("transformer done at %.1f min", (time.time() - t0) / 60)
+            # Two halves of one schedule, so that no stage runs over 90 minutes on a 2-core CPU.
+            parts = [("transformer-1", budget.dit_steps // 2), ("transformer-2", budget.dit_steps)]
+            if only in ("transformer-1", "transformer-2", "export"):
+                parts = [p for p in parts if p[0] == only] or [("export", budget.dit_steps)]
+            for part, until in parts:
+                dit, text_encoder, te_config = train_transformer(work, pool, spiece, budget, args.seed, device,
+                                                                 progress, beside.poll if beside else lambda: None,
+                                                                 until)
+                if pool is not None:
+                    log.info("%s (to step %d) done at %.1f min", part, until, (time.time() - t0) / 60)
         if beside:
             beside.wait()
     finally:
