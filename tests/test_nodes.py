@@ -119,8 +119,9 @@ print(len(pack.NODE_CLASS_MAPPINGS), "torch" in sys.modules)
 import torch
 host = sys.modules["Zoetrope-main.nodes.host"]
 host.configure(standalone=True, output_dir=out)
+shape = lambda f, h, w: (16, 1 + (f - 1) // 4, h // 8, w // 8)
 vae = types.SimpleNamespace(module=types.SimpleNamespace(temporal_compression=4, spatial_compression=8,
-                                                         latent_shape=lambda f, h, w: (16, 1 + (f - 1) // 4, h // 8, w // 8)))
+                                                         latent_shape=shape))
 noise = pack.NODE_CLASS_MAPPINGS["ZoetropeVideoNoise"]().noise(vae, 32, 32, 5, 1, 0)[0]["samples"]
 ui = pack.NODE_CLASS_MAPPINGS["ZoetropeSaveVideo"]().save(torch.rand(5, 16, 16, 3), 8.0, "gif", 19, "x")
 print(tuple(noise.shape), ui["ui"]["images"][0]["filename"], torch.cuda.is_initialized())
