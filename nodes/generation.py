@@ -123,8 +123,7 @@ class ZoetropeSampler:
                                         "tooltip": "unipc: the official Wan solver (2nd order). euler: first order, "
                                                    "ComfyUI's flow Euler schedule. euler_ancestral: Euler that adds "
                                                    "fresh noise every step (seeded by the noise's seed), as "
-                                                   "ComfyUI's euler_ancestral; the built-in model's choice. auto = "
-                                                   "the model's recommendation."}),
+                                                   "ComfyUI's euler_ancestral. auto = the model's recommendation."}),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                   "tooltip": "1 draws the clip from noise. Below 1 restyles the clip connected to "
                                              "'video', keeping more of it the lower the value."}),

@@ -341,10 +341,10 @@ def _pool_scene(seed: int, i: int):
 
 
 def train_transformer(work: Path, pool: dict, spiece: bytes, budget: Budget, seed: int, device, progress,
-                      each_step=lambda: None, until: int | None = None):
-    """Stage 4, up to step `until` (default: the end of the schedule; main() runs it in two halves, each under 90
-    minutes on a 2-core CPU). `each_step` is called after every optimiser step (main() widens the thread count
-    there once the decoder process beside it has finished)."""
+                      each_step=lambda: None, first_half_only: bool = False):
+    """Stage 4. The schedule's two halves are the stages transformer-1 and transformer-2, each under 90 minutes on
+    a 2-core CPU: a checkpoint and a log line mark the half-way step, where `first_half_only` stops. `each_step` is called after every optimiser step (main() widens the thread count there once
+    the decoder process beside it has finished)."""
     stage = Stage(work, "transformer")
     torch.manual_seed(seed + 2)
     tokenizer = Tokenizer.from_bytes(spiece)
@@ -372,7 +372,8 @@ def train_transformer(work: Path, pool: dict, spiece: bytes, budget: Budget, see
             raise SystemExit(f"nothing to export: {stage.path} does not exist; train the transformer first")
         if not stage.done:
             log.warning("exporting an unfinished transformer stage (step %d)", step)
-    end = budget.dit_steps if until is None else min(until, budget.dit_steps)
+    half = budget.dit_steps // 2
+    end = half if first_half_only else budget.dit_steps
     if stage.done or pool is None or step >= end:
         return ema["dit"], TextEncoder(ema["encoder"], tokenizer), te_config
     latents = torch.cat(pool["latents"])                                                 # [N, z, T', H', W']
@@ -406,11 +407,13 @@ def train_transformer(work: Path, pool: dict, spiece: bytes, budget: Budget, see
         each_step()
         if step % 100 == 0:
             log.info("transformer step %d loss %.5f", step, loss.item())
-        if time.time() - last_save > 180 or step == end:
+        if time.time() - last_save > 180 or step in (half, end):
             stage.save({"dit": dit.state_dict(), "encoder": encoder.state_dict(), "ema_dit": ema["dit"].state_dict(),
                         "ema_encoder": ema["encoder"].state_dict(), "opt": opt.state_dict(), "step": step,
                         "rng": rng}, done=step == budget.dit_steps)
             last_save = time.time()
+        if step in (half, budget.dit_steps):
+            log.info("transformer-%d (to step %d) done", 1 if step == half else 2, step)
     bar.close()
     return ema["dit"], TextEncoder(ema["encoder"], tokenizer), te_config
 
@@ -589,16 +592,9 @@ def main(argv=None) -> int:
             spiece = train_tokenizer(work, args.seed, TEXT_CONFIG.vocab_size)
             pool = encode_pool(work, vae, budget, args.seed, device, progress) if only != "export" else None
             log.info("latent pool done at %.1f min", (time.time() - t0) / 60)
-            # Two halves of one schedule, so that no stage runs over 90 minutes on a 2-core CPU.
-            parts = [("transformer-1", budget.dit_steps // 2), ("transformer-2", budget.dit_steps)]
-            if only in ("transformer-1", "transformer-2", "export"):
-                parts = [p for p in parts if p[0] == only] or [("export", budget.dit_steps)]
-            for part, until in parts:
-                dit, text_encoder, te_config = train_transformer(work, pool, spiece, budget, args.seed, device,
-                                                                 progress, beside.poll if beside else lambda: None,
-                                                                 until)
-                if pool is not None:
-                    log.info("%s (to step %d) done at %.1f min", part, until, (time.time() - t0) / 60)
+            dit, text_encoder, te_config = train_transformer(work, pool, spiece, budget, args.seed, device, progress,
+                                                             each_step=beside.poll if beside else lambda: None,
+                                                             first_half_only=only == "transformer-1")
         if beside:
             beside.wait()
     finally:
