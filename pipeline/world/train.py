@@ -343,8 +343,9 @@ def _pool_scene(seed: int, i: int):
 def train_transformer(work: Path, pool: dict, spiece: bytes, budget: Budget, seed: int, device, progress,
                       each_step=lambda: None, first_half_only: bool = False):
     """Stage 4. The schedule's two halves are the stages transformer-1 and transformer-2, each under 90 minutes on
-    a 2-core CPU: a checkpoint and a log line mark the half-way step, where `first_half_only` stops. `each_step` is called after every optimiser step (main() widens the thread count there once
-    the decoder process beside it has finished)."""
+    a 2-core CPU: a checkpoint and a log line mark the half-way step, where `first_half_only` stops. `each_step`
+    is called after every optimiser step (main() widens the thread count there once the decoder process beside it
+    has finished)."""
     stage = Stage(work, "transformer")
     torch.manual_seed(seed + 2)
     tokenizer = Tokenizer.from_bytes(spiece)
