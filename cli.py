@@ -29,11 +29,16 @@ def _generate(argv) -> int:
     ap.add_argument("--solver", choices=("unipc", "euler", "euler_ancestral"), default=None)
     ap.add_argument("--fps", type=float, default=None)
     ap.add_argument("--image", default=None, help="a first frame (PNG/JPEG) for image-to-video")
+    ap.add_argument("--image-first", action="store_true",
+                    help="draw the first frame as a picture, then animate it (image-to-video): for models trained on "
+                         "pictures and pinned first frames too, like the built-in one")
     ap.add_argument("--model", default=None, help="transformer file (diffusion_models)")
     ap.add_argument("--vae", default=None, help="VAE file")
     ap.add_argument("--text-encoder", default=None, help="text-encoder file (umT5)")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"))
     args = ap.parse_args(argv)
+    if args.image and args.image_first:
+        ap.error("--image gives the first frame, --image-first draws one: choose one")
     if args.model is None and (args.vae or args.text_encoder):
         ap.error("--vae and --text-encoder go with --model; without --model the built-in model is used")
     if args.model is not None and not (args.vae and args.text_encoder):
@@ -70,8 +75,9 @@ def _generate(argv) -> int:
 
 
 def text_to_video_graph(args, fmt: str) -> dict:
-    """The API-format graph of the built-in text-to-video workflow (image-to-video with --image), filled in from
-    the command line. 0 / "auto" widgets take the model's recommended settings."""
+    """The API-format graph of the built-in text-to-video workflow (image-to-video with --image; with
+    --image-first a first sampler draws the start picture), filled in from the command line. 0 / "auto" widgets take
+    the model's recommended settings."""
     from .pipeline.builtin import DEFAULTS
 
     def pick(value, default):
@@ -110,6 +116,11 @@ def text_to_video_graph(args, fmt: str) -> dict:
                    "inputs": {"vae": ["3", 0], "image": ["10", 0], "width": g["6"]["inputs"]["width"],
                               "height": g["6"]["inputs"]["height"]}}
         g["7"]["inputs"]["first_frame"] = ["11", 0]
+    if args.image_first:
+        # The same prompt and seed drawn as a one-frame clip (a picture), whose latent is the clip's first frame.
+        g["12"] = {"class_type": "ZoetropeVideoNoise", "inputs": {**g["6"]["inputs"], "frames": 1}}
+        g["13"] = {"class_type": "ZoetropeSampler", "inputs": {**g["7"]["inputs"], "latent": ["12", 0]}}
+        g["7"]["inputs"]["first_frame"] = ["13", 0]
     return g
 
 

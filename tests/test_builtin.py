@@ -152,3 +152,33 @@ def test_the_transformer_loss_weighs_object_positions_above_the_background():
     assert torch.allclose(w[0, :, :, 3:5, 6:8], torch.tensor(5.0))
     assert torch.allclose(w[0, :, :, :3], torch.tensor(1.0)) and torch.allclose(w[1], torch.tensor(1.0))
     assert torch.equal(train._latent_object_weight(x0, 0.0), torch.ones_like(w))
+
+
+def test_image_first_draws_the_first_frame_as_a_picture_and_animates_it(builtin_model, tmp_path):
+    prompt = "a large blue square moving up on a white background"
+    out = tmp_path / "clip.mp4"
+    assert cli.main(["generate", prompt, "-o", str(out), "--steps", "2", "--seed", "5", "--image-first"]) == 0
+    assert read_video(out).shape == (17, 64, 64, 3)
+    graph = json.loads(read_tags(out)["prompt"])
+    samplers = {k: n["inputs"] for k, n in graph.items() if n["class_type"] == "ZoetropeSampler"}
+    clip = next(s for s in samplers.values() if "first_frame" in s)
+    picture = samplers[clip["first_frame"][0]]
+    noise = graph[picture["latent"][0]]["inputs"]
+    assert noise["frames"] == 1 and noise["seed"] == 5 and picture["positive"] == clip["positive"]
+    with pytest.raises(SystemExit):
+        cli.main(["generate", prompt, "-o", str(out), "--image", str(out), "--image-first"])
+
+    # The evaluator's version: each clip starts on its picture, decoded alone.
+    from zoetrope.pipeline.world import evaluate, report
+    dit = load_transformer(builtin_model / "zoetrope_builtin_transformer.safetensors")
+    vae = load_vae(builtin_model / "zoetrope_builtin_vae.safetensors")
+    te = load_text_encoder(builtin_model / "zoetrope_builtin_text_encoder.safetensors")
+    settings = dict(seed=5, steps=2, cfg=4.0, shift=3.0, solver="unipc")
+    clips = report.generate_clips(dit, vae, te, [prompt], None, image_first=True, **settings)
+    with torch.no_grad():
+        noise = gen.seeded_noise((1, *gen.plan(vae, 1, 64, 64).latent_shape), 5)
+        x = gen.sample(dit, noise, te.encode([prompt]), te.encode([""]), steps=2, cfg=4.0, shift=3.0)
+        alone = evaluate.to_frames(vae.decode(vae.denormalize(x))[0])
+    assert np.abs(clips[0, 0].astype(int) - alone[0].astype(int)).max() <= 1
+    plain = report.generate_clips(dit, vae, te, [prompt], None, **settings)
+    assert np.abs(plain[0, 0].astype(int) - alone[0].astype(int)).max() > 1

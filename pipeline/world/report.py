@@ -28,8 +28,10 @@ def _batches(items: list, size: int):
 
 @torch.no_grad()
 def generate_clips(dit, vae, te, prompts: list[str], first_frames: np.ndarray | None, *, seed: int, steps: int,
-                   cfg: float, shift: float, solver: str, batch: int = 16) -> np.ndarray:
-    """Clips for many prompts, `batch` at a time: uint8 [N, T, H, W, 3]. first_frames: uint8 [N, H, W, 3]."""
+                   cfg: float, shift: float, solver: str, batch: int = 16, image_first: bool = False) -> np.ndarray:
+    """Clips for many prompts, `batch` at a time: uint8 [N, T, H, W, 3]. first_frames: uint8 [N, H, W, 3].
+    image_first (text-to-video only): draw each first frame as a one-frame clip, then continue it, as
+    `zoetrope generate --image-first` does."""
     p = plan(vae, world.FRAMES, world.SIZE, world.SIZE, patch=dit.config.patch_size)
     device = next(dit.parameters()).device
     empty = te.encode([""])[0].to(device)
@@ -43,6 +45,10 @@ def generate_clips(dit, vae, te, prompts: list[str], first_frames: np.ndarray | 
             images = torch.from_numpy(first_frames[start:start + len(chunk)]).float() / 255      # [b, H, W, 3]
             video = torch.cat([frames_to_video(im[None]) for im in images])                      # [b, 3, 1, H, W]
             first = vae.normalize(vae.encode(video.to(device)).float())
+        elif image_first:
+            picture = seeded_noise((len(chunk), *p.latent_shape[:1], 1, *p.latent_shape[2:]), seed + start)
+            first = sample(dit, picture.to(device), cond, uncond, steps=steps, cfg=cfg, shift=shift, solver=solver,
+                           seed=seed + start)
         x = sample(dit, noise, cond, uncond, steps=steps, cfg=cfg, shift=shift, solver=solver, first_latent=first,
                    seed=seed + start)
         video = vae.decode(vae.denormalize(x))
@@ -51,7 +57,7 @@ def generate_clips(dit, vae, te, prompts: list[str], first_frames: np.ndarray | 
 
 
 def run(dit, vae, te, *, single: int, two: int, i2v: int, seed: int, steps: int, cfg: float, shift: float,
-        solver: str, out: Path, batch: int = 16, progress=print) -> dict:
+        solver: str, out: Path, batch: int = 16, image_first: bool = False, progress=print) -> dict:
     rng = np.random.default_rng(seed)
     cases = ([("single", world.sample_scene(rng, 1)) for _ in range(single)]
              + [("two", world.sample_scene(rng, 2)) for _ in range(two)]
@@ -65,7 +71,7 @@ def run(dit, vae, te, *, single: int, two: int, i2v: int, seed: int, steps: int,
         prompts = [world.prompt(s) for s in scenes]
         firsts = np.stack([world.render(s, world.SIZE, 1)[0] for s in scenes]) if kind == "i2v" else None
         made = generate_clips(dit, vae, te, prompts, firsts, seed=seed + len(results), steps=steps, cfg=cfg,
-                              shift=shift, solver=solver, batch=batch)
+                              shift=shift, solver=solver, batch=batch, image_first=image_first)
         for prompt, clip in zip(prompts, made):
             s = evaluate.score(clip, prompt, image_to_video=kind == "i2v")
             s.pop("detections")
@@ -74,8 +80,8 @@ def run(dit, vae, te, *, single: int, two: int, i2v: int, seed: int, steps: int,
         progress(f"{kind}: {len(scenes)} clips scored ({time.time() - t0:.0f} s)")
     summary = evaluate.summarise(results)
     report = {"settings": dict(seed=seed, steps=steps, cfg=cfg, shift=shift, solver=solver, single=single, two=two,
-                               i2v=i2v), "summary": summary, "seconds": round(time.time() - t0, 1),
-              "clips": results}
+                               i2v=i2v, image_first=image_first),
+              "summary": summary, "seconds": round(time.time() - t0, 1), "clips": results}
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     labels = [f"{'i2v: ' if r['kind'] == 'i2v' else ''}{r['prompt']}{'' if r['correct'] else '  [wrong]'}"
@@ -108,6 +114,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cfg", type=float, default=d["cfg"])
     ap.add_argument("--shift", type=float, default=d["shift"])
     ap.add_argument("--solver", default=d["solver"], choices=sorted(sampling.SOLVERS))
+    ap.add_argument("--image-first", action="store_true",
+                    help="text-to-video draws each first frame as a picture, then animates it (as generate does)")
     ap.add_argument("--model", default=str(builtin.TRANSFORMER))
     ap.add_argument("--vae", default=str(builtin.VAE))
     ap.add_argument("--text-encoder", default=str(builtin.TEXT_ENCODER))
@@ -117,7 +125,7 @@ def main(argv=None) -> int:
     dit, vae = load_transformer(args.model, dtype=dtype), load_vae(args.vae, dtype=dtype)
     te = load_text_encoder(args.text_encoder, dtype=dtype)
     report = run(dit, vae, te, single=args.single, two=args.two, i2v=args.i2v, seed=args.seed, steps=args.steps,
-                 cfg=args.cfg, shift=args.shift, solver=args.solver, out=Path(args.out))
+                 cfg=args.cfg, shift=args.shift, solver=args.solver, out=Path(args.out), image_first=args.image_first)
     print(json.dumps(report["summary"], indent=1))
     print(f"report and contact sheet in {args.out}/ ({report['seconds']} s)")
     return 0
