@@ -177,7 +177,7 @@ def test_image_first_draws_the_first_frame_as_a_picture_and_animates_it(builtin_
     clips = report.generate_clips(dit, vae, te, [prompt], None, image_first=True, **settings)
     with torch.no_grad():
         noise = gen.seeded_noise((1, *gen.plan(vae, 1, 64, 64).latent_shape), 5)
-        x = gen.sample(dit, noise, te.encode([prompt]), te.encode([""]), steps=2, cfg=4.0, shift=3.0)
+        x = gen.sample(dit, noise, te.encode([prompt]), te.encode([""]), **settings)
         alone = evaluate.to_frames(vae.decode(vae.denormalize(x))[0])
     assert np.abs(clips[0, 0].astype(int) - alone[0].astype(int)).max() <= 1
     plain = report.generate_clips(dit, vae, te, [prompt], None, **settings)

@@ -33,6 +33,7 @@ def generate_clips(dit, vae, te, prompts: list[str], first_frames: np.ndarray | 
     image_first (text-to-video only): draw each first frame as a one-frame clip, then continue it, as
     `zoetrope generate --image-first` does."""
     p = plan(vae, world.FRAMES, world.SIZE, world.SIZE, patch=dit.config.patch_size)
+    picture_shape = plan(vae, 1, world.SIZE, world.SIZE, patch=dit.config.patch_size).latent_shape
     device = next(dit.parameters()).device
     empty = te.encode([""])[0].to(device)
     out = []
@@ -45,12 +46,11 @@ def generate_clips(dit, vae, te, prompts: list[str], first_frames: np.ndarray | 
             images = torch.from_numpy(first_frames[start:start + len(chunk)]).float() / 255      # [b, H, W, 3]
             video = torch.cat([frames_to_video(im[None]) for im in images])                      # [b, 3, 1, H, W]
             first = vae.normalize(vae.encode(video.to(device)).float())
-        elif image_first:
-            picture = seeded_noise((len(chunk), *p.latent_shape[:1], 1, *p.latent_shape[2:]), seed + start)
-            first = sample(dit, picture.to(device), cond, uncond, steps=steps, cfg=cfg, shift=shift, solver=solver,
-                           seed=seed + start)
-        x = sample(dit, noise, cond, uncond, steps=steps, cfg=cfg, shift=shift, solver=solver, first_latent=first,
-                   seed=seed + start)
+        settings = dict(steps=steps, cfg=cfg, shift=shift, solver=solver, seed=seed + start)
+        if first_frames is None and image_first:
+            first = sample(dit, seeded_noise((len(chunk), *picture_shape), seed + start).to(device), cond, uncond,
+                           **settings)
+        x = sample(dit, noise, cond, uncond, first_latent=first, **settings)
         video = vae.decode(vae.denormalize(x))
         out.extend(evaluate.to_frames(v) for v in video)
     return np.stack(out)
