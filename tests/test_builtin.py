@@ -154,6 +154,20 @@ def test_the_transformer_loss_weighs_object_positions_above_the_background():
     assert torch.equal(train._latent_object_weight(x0, 0.0), torch.ones_like(w))
 
 
+def test_the_autoencoder_trains_on_object_codes_shrunk_and_softened_as_a_sampler_leaves_them():
+    mu = torch.randn(1, 16, 1, 1, 1).expand(3, 16, 5, 16, 16).clone()     # a flat background code
+    mu[:, :, :, 6:10, 6:10] += 2.0                                         # one object, 4x4 latent pixels
+    z = train._like_a_sampler(mu, 0.4, np.random.default_rng(0))
+    assert z.shape == mu.shape
+    # Far from the object the background code is untouched (a blur of a flat code is the same code) ...
+    assert torch.allclose(z[..., :4, :], mu[..., :4, :], atol=1e-5)
+    # ... and the object's code keeps its direction, at 60-100% of its size (per clip and frame, not all alike).
+    centre = (z - mu[..., :1, :1])[..., 7:9, 7:9].mean(dim=(-2, -1)) / 2.0                   # [3, 16, 5]
+    assert centre.min() >= 0.6 - 1e-4 and centre.max() <= 1 + 1e-4
+    assert centre.std() > 0.05
+    assert torch.equal(train._like_a_sampler(mu, 0.0, np.random.default_rng(0)), mu)
+
+
 def test_image_first_draws_the_first_frame_as_a_picture_and_animates_it(builtin_model, tmp_path):
     prompt = "a large blue square moving up on a white background"
     out = tmp_path / "clip.mp4"
