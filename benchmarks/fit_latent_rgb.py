@@ -29,7 +29,7 @@ def clips(n: int, seed: int, frames: int) -> torch.Tensor:
     rng = np.random.default_rng(seed)
     video = np.stack([world.render(world.sample_scene(rng, 1 + int(rng.random() < 0.5)), frames=frames)
                       for _ in range(n)])                                        # [n, T, H, W, 3] uint8
-    return torch.from_numpy(video).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    return world.to_video(video)
 
 
 @torch.no_grad()

@@ -66,7 +66,7 @@ def main() -> None:
     vae = load(args.vae)
     rng = np.random.default_rng(args.seed)
     scenes = [world.sample_scene(rng, 1) for _ in range(args.clips)]
-    video = torch.from_numpy(np.stack([world.render(s) for s in scenes])).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    video = evaluate.to_video(np.stack([world.render(s) for s in scenes]))
     z = vae.normalize(vae.encode(video))
     decoded = vae.decode(vae.denormalize(z))
     verdict = evaluate.summarise([evaluate.score(evaluate.to_frames(d), world.prompt(s))

@@ -8,9 +8,9 @@ what decides the next change to its training:
   a word it ignores leaves it flat.
 - image-to-video: the first latent frame pinned clean (as `--image` does), the rest noised to a level, and the
   transformer's one-step estimate of the clean clip decoded. Per direction, how far the object's centroid travels
-  along it (the world moves 0.45 W) and how often the evaluator calls the motion right. The world is deterministic
-  given its first frame and its prompt, so a perfect transformer scores 0.45 and 100% at every level, pure noise
-  included; where it falls short is where sampling loses the motion.
+  along it (the world moves 0.45 W; for `still`, how far it drifts) and how often the evaluator calls the motion
+  right. The world is deterministic given its first frame and its prompt, so a perfect transformer scores 0.45 (no
+  drift) and 100% at every level, pure noise included; where it falls short is where sampling loses the motion.
 
     python benchmarks/transformer_probe.py                        # the model in pipeline/builtin
     python benchmarks/transformer_probe.py --folder EXPORT --clips 48
@@ -94,7 +94,7 @@ def image_to_video(dit, vae, te, x0, scenes, levels, seed: int) -> None:
             right[motion].append(bool(verdict["motion"]))
         cells = "  ".join(f"{m.split()[-1]} {np.mean(travel[m]) if travel[m] else float('nan'):+.2f}/"
                           f"{np.mean(right[m]):4.0%}" for m in world.MOTIONS if right[m])
-        print(f"  noise {sigma:.2f}: {cells}   (still: drift)")
+        print(f"  noise {sigma:.2f}: {cells}")
 
 
 def main(argv=None) -> None:
@@ -110,7 +110,7 @@ def main(argv=None) -> None:
     dit, vae, te = load(args.folder)
     rng = np.random.default_rng(args.seed)
     scenes = [world.sample_scene(rng, 1) for _ in range(args.clips)]
-    video = torch.from_numpy(np.stack([world.render(s) for s in scenes])).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    video = evaluate.to_video(np.stack([world.render(s) for s in scenes]))
     with torch.no_grad():
         x0 = vae.normalize(vae.encode(video))
     levels = [float(v) for v in args.levels.split(",")]

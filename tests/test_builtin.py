@@ -198,8 +198,8 @@ def test_image_first_draws_the_first_frame_as_a_picture_and_animates_it(builtin_
     assert np.abs(plain[0, 0].astype(int) - alone[0].astype(int)).max() > 1
 
 
-def test_transformer_probe_reports_word_use_and_image_to_video_travel(builtin_model_dir, capsys, monkeypatch):
-    import sys
+def test_transformer_probe_reports_word_use_and_image_to_video_travel(builtin_model_dir, capsys, monkeypatch,
+                                                                     tmp_path):
     from pathlib import Path
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import transformer_probe
@@ -210,4 +210,4 @@ def test_transformer_probe_reports_word_use_and_image_to_video_travel(builtin_mo
     assert len(words) == 2 and all(a in words[0] for a in ("colour", "shape", "size", "motion"))
     assert len(travel) == 2
     with pytest.raises(SystemExit, match="pass --folder"):
-        transformer_probe.main(["--folder", str(Path(sys.prefix) / "no-such-model")])
+        transformer_probe.main(["--folder", str(tmp_path)])

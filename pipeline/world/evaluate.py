@@ -329,6 +329,12 @@ def summarise(scores: list[dict]) -> dict:
     return out
 
 
+def to_video(frames: np.ndarray):
+    """uint8 clips [N, T, H, W, 3] -> the VAE's input, float32 torch [N, 3, T, H, W] in [-1, 1] (to_frames undone)."""
+    import torch
+    return torch.from_numpy(np.asarray(frames)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+
+
 def to_frames(video) -> np.ndarray:
     """Decoder output [3, T, H, W] float in [-1, 1] (torch or numpy) -> uint8 frames [T, H, W, 3]."""
     if hasattr(video, "detach"):

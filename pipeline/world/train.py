@@ -46,7 +46,7 @@ from ..dit import WanModel
 from ..text_encoder import TextEncoder, UMT5Encoder
 from ..tokenizer import Tokenizer
 from ..vae import WanVAE
-from . import scene as world
+from . import evaluate, scene as world
 
 log = logging.getLogger("zoetrope.train")
 
@@ -141,8 +141,7 @@ def _clips(rng: np.random.Generator, n: int, frames: int, crop: int | None = Non
             y0 = int(np.clip(cy * SIZE - crop / 2 + rng.integers(-crop // 3, crop // 3 + 1), 0, SIZE - crop))
             cut.append(v[:, y0:y0 + crop, x0:x0 + crop])
         video = np.stack(cut)
-    video = torch.from_numpy(video).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
-    return video, scenes
+    return evaluate.to_video(video), scenes
 
 
 def _object_weight(video: torch.Tensor) -> torch.Tensor:
@@ -236,6 +235,12 @@ def _fit_autoencoder(stage: Stage, vae: WanVAE, params: list, steps: int, peak_l
     return vae.eval()
 
 
+def _background_code(latent: torch.Tensor) -> torch.Tensor:
+    """Each latent frame's background code [B, z, T, 1, 1] of latents [B, z, T, H, W]: its per-channel median over
+    positions (objects cover a few of them)."""
+    return latent.flatten(3).median(dim=3).values[..., None, None]
+
+
 def _like_a_sampler(mu: torch.Tensor, shrink: float, rng: np.random.Generator) -> torch.Tensor:
     """The latents [B, z, T, H, W] as a sampler leaves them: each frame's objects drawn towards the background code
     by up to `shrink` of their size, and some frames softened by a small spatial blur.
@@ -250,14 +255,14 @@ def _like_a_sampler(mu: torch.Tensor, shrink: float, rng: np.random.Generator) -
     if shrink <= 0:
         return mu
     b, _, t = mu.shape[:3]
-    background = mu.flatten(3).median(dim=3).values[..., None, None]                   # [B, z, T, 1, 1]
+    background = _background_code(mu)
     scale = torch.from_numpy(1 - shrink * rng.random((b, 1, t, 1, 1))).to(mu)
     z = background + scale * (mu - background)
+    # A [1, 2, 1]^2 / 16 blur within each frame, channel by channel (a 1x3x3 kernel leaves the frames apart).
     k = torch.tensor([1.0, 2.0, 1.0], device=mu.device)
-    k = (k[:, None] * k[None, :] / 16).expand(mu.shape[1], 1, 3, 3)
-    frames = z.transpose(1, 2).reshape(b * t, -1, *mu.shape[3:])
-    soft = F.conv2d(F.pad(frames, (1, 1, 1, 1), mode="replicate"), k, groups=mu.shape[1])
-    soft = soft.reshape(b, t, *mu.shape[1:2], *mu.shape[3:]).transpose(1, 2).to(z)
+    k = (k[:, None] * k[None, :] / 16).expand(mu.shape[1], 1, 1, 3, 3).to(z)
+    # .to(z): under the training's autocast the convolution returns bfloat16.
+    soft = F.conv3d(F.pad(z, (1, 1, 1, 1, 0, 0), mode="replicate"), k, groups=mu.shape[1]).to(z)
     mix = torch.from_numpy(0.5 * rng.random((b, 1, t, 1, 1)) * (rng.random((b, 1, t, 1, 1)) < 0.5)).to(mu)
     return torch.lerp(z, soft, mix)
 
@@ -337,7 +342,7 @@ def encode_pool(work: Path, vae: WanVAE, budget: Budget, seed: int, device, prog
         n = min(batch, budget.pool_clips - done)
         scenes = [_pool_scene(seed, done + i) for i in range(n)]
         video = np.stack([world.render(s, size=SIZE, frames=FRAMES) for s in scenes])
-        video = torch.from_numpy(video).permute(0, 4, 1, 2, 3).float().to(device) / 127.5 - 1
+        video = evaluate.to_video(video).to(device)
         with _autocast(device):
             z = vae.encode(video)
         state["latents"].append(vae.normalize(z.float()).to(torch.bfloat16).cpu())
@@ -492,7 +497,7 @@ def _latent_object_weight(x0: torch.Tensor, strength: float) -> torch.Tensor:
     loss is met almost entirely by drawing the background, and objects are learnt last (or never)."""
     if strength <= 0:
         return torch.ones_like(x0[:, :1])
-    background = x0.flatten(3).median(dim=3).values[..., None, None]                   # [B, z, T, 1, 1]
+    background = _background_code(x0)
     departure = (x0 - background).norm(dim=1, keepdim=True)                              # [B, 1, T, H, W]
     peak = departure.flatten(1).amax(dim=1).clamp_min(1e-6).view(-1, 1, 1, 1, 1)
     return 1 + strength * departure / peak
