@@ -18,8 +18,9 @@ Everything is seeded. One command runs them all:
 On a CPU with several cores, the decoder stage runs in a second process on one core beside the latent pool and the
 transformer, and the transformer takes every core once the decoder is done: two one-thread processes do more work
 than one two-thread process (on two threads the transformer runs 1.6 times as fast as on one, not twice). On a
-2-core CPU: VAE ~21 min, then decoder ~74 min beside the latent pool ~9 and the transformer ~130 min (its halves
-~76 and ~55); about 2 h 40 min in all (see Budget). `--only STAGE` runs one stage. A GPU, when present, is used
+2-core CPU: VAE ~21 min (2 threads), then decoder ~74 min (1 thread) beside the latent pool ~9 and the
+transformer (1.08 s a step on 1 thread until the decoder ends, 0.73 s on 2 after: ~130 min, its halves ~76 and
+~55); about 2 h 40 min in all. `--only STAGE` runs one stage. A GPU, when present, is used
 and takes minutes.
 """
 from __future__ import annotations
@@ -62,9 +63,8 @@ DIT_CONFIG = DiTConfig(dim=192, ffn_dim=768, num_heads=3, num_layers=6, in_dim=1
 
 @dataclass(frozen=True)
 class Budget:
-    """Steps per stage: the shipped weights' recipe. On a 2-core CPU the VAE takes ~21 min (2 threads), the
-    decoder ~74 min (1 thread) beside the latent pool ~9 and the transformer (1.08 s a step on 1 thread, then
-    0.73 s on 2): ~2 h 40 min in all. --smoke runs seconds.
+    """Steps per stage: the shipped weights' recipe (what each stage takes on a 2-core CPU: the module's docstring).
+    --smoke runs seconds.
 
     The transformer's steps are what it is shortest of: on the same latents and 72 prompts, 9000 steps against 7000
     took text-to-video motion from 31% to 54% (28% to 40% with other noise seeds), all-attributes from 8% to 18%
