@@ -43,10 +43,7 @@ def _check_choice(folder: str, name: str):
 def _file(folder: str, name: str, builtin_path):
     if name == BUILTIN:
         from ..pipeline import builtin
-        if not builtin.available():
-            raise FileNotFoundError(
-                f"the built-in model's weights are missing from {builtin.FOLDER}; reinstall Zoetrope, or train them "
-                "with `zoetrope train-builtin`")
+        builtin.require()
         return builtin_path()
     return host.model_path(folder, name)
 

@@ -20,12 +20,17 @@ def available() -> bool:
     return TRANSFORMER.is_file() and VAE.is_file() and TEXT_ENCODER.is_file()
 
 
-def load(device=None, dtype=None):
-    """(transformer, vae, text_encoder) of the built-in model."""
-    from .. import load_text_encoder, load_transformer, load_vae
+def require() -> None:
+    """Raise the one error every entry point gives when the built-in model's files are not there."""
     if not available():
         raise FileNotFoundError(
             f"the built-in model's weights are missing from {FOLDER}; reinstall Zoetrope, or train them with "
             "`zoetrope train-builtin`")
+
+
+def load(device=None, dtype=None):
+    """(transformer, vae, text_encoder) of the built-in model."""
+    from .. import load_text_encoder, load_transformer, load_vae
+    require()
     return (load_transformer(TRANSFORMER, device=device, dtype=dtype), load_vae(VAE, device=device, dtype=dtype),
             load_text_encoder(TEXT_ENCODER, device=device, dtype=dtype))
