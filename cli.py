@@ -29,9 +29,9 @@ def _generate(argv) -> int:
     ap.add_argument("--solver", choices=("unipc", "euler", "euler_ancestral"), default=None)
     ap.add_argument("--fps", type=float, default=None)
     ap.add_argument("--image", default=None, help="a first frame (PNG/JPEG) for image-to-video")
-    ap.add_argument("--image-first", action="store_true",
+    ap.add_argument("--image-first", action=argparse.BooleanOptionalAction, default=None,
                     help="draw the first frame as a picture, then animate it (image-to-video): for models trained on "
-                         "pictures and pinned first frames too, like the built-in one")
+                         "pictures and pinned first frames too; the built-in model's default")
     ap.add_argument("--model", default=None, help="transformer file (diffusion_models)")
     ap.add_argument("--vae", default=None, help="VAE file")
     ap.add_argument("--text-encoder", default=None, help="text-encoder file (umT5)")
@@ -39,6 +39,9 @@ def _generate(argv) -> int:
     args = ap.parse_args(argv)
     if args.image and args.image_first:
         ap.error("--image gives the first frame, --image-first draws one: choose one")
+    if args.image_first is None:
+        from .pipeline import builtin
+        args.image_first = args.model is None and not args.image and builtin.IMAGE_FIRST
     if args.model is None and (args.vae or args.text_encoder):
         ap.error("--vae and --text-encoder go with --model; without --model the built-in model is used")
     if args.model is not None and not (args.vae and args.text_encoder):

@@ -178,7 +178,9 @@ export function makePlan(request) {
 // The plan as lines of text for the node, each {text, tone} with tone "plain" | "note" | "warn".
 export function planLines(plan) {
   const lines = [];
-  lines.push({ text: `${plan.frames} frames = ${formatSeconds(plan.duration)} at ${plan.fps} fps` +
+  // One frame is a picture (a first frame to animate, say): it has no duration.
+  lines.push({ text: plan.frames === 1 ? "1 frame: a picture" :
+    `${plan.frames} frames = ${formatSeconds(plan.duration)} at ${plan.fps} fps` +
     (plan.fpsFrom ? ` (${plan.fpsFrom})` : ""), tone: "plain" });
   lines.push({ text: `${plan.width}×${plan.height} → latent ${plan.latentShape.join("×")}`, tone: "plain" });
   lines.push({ text: `${plan.tokens.toLocaleString("en-US")} tokens per clip`, tone: "plain" });

@@ -296,8 +296,9 @@ def _check_same_geometry(z, noise, name: str, frames: bool) -> None:
     if frames:
         hint = "make the noise with the clip's width, height and frames (or set them on ZoetropeVAEEncode)"
     else:
-        hint = ("set ZoetropeVAEEncode's width and height to those of ZoetropeVideoNoise (the start image is then "
-                "centre-cropped and resized to fit)")
+        hint = ("give it the width and height of this sampler's ZoetropeVideoNoise: on ZoetropeVAEEncode (the start "
+                "image is then centre-cropped and resized to fit), or on the noise of the sampler that drew the "
+                "first frame")
     raise ValueError(f"'{name}' latent {list(z.shape)} [B, C, frames, H, W] does not match the noise "
                      f"{list(noise.shape)}: {hint}")
 

@@ -168,10 +168,10 @@ def test_the_autoencoder_trains_on_object_codes_shrunk_and_softened_as_a_sampler
     assert torch.equal(train._like_a_sampler(mu, 0.0, np.random.default_rng(0)), mu)
 
 
-def test_image_first_draws_the_first_frame_as_a_picture_and_animates_it(builtin_model, tmp_path):
+def test_the_builtin_model_draws_the_first_frame_as_a_picture_and_animates_it(builtin_model, tmp_path):
     prompt = "a large blue square moving up on a white background"
     out = tmp_path / "clip.mp4"
-    assert cli.main(["generate", prompt, "-o", str(out), "--steps", "2", "--seed", "5", "--image-first"]) == 0
+    assert cli.main(["generate", prompt, "-o", str(out), "--steps", "2", "--seed", "5"]) == 0     # the default
     assert read_video(out).shape == (17, 64, 64, 3)
     graph = json.loads(read_tags(out)["prompt"])
     samplers = {k: n["inputs"] for k, n in graph.items() if n["class_type"] == "ZoetropeSampler"}
@@ -179,6 +179,12 @@ def test_image_first_draws_the_first_frame_as_a_picture_and_animates_it(builtin_
     picture = samplers[clip["first_frame"][0]]
     noise = graph[picture["latent"][0]]["inputs"]
     assert noise["frames"] == 1 and noise["seed"] == 5 and picture["positive"] == clip["positive"]
+    # --no-image-first samples the clip in one go; --image gives the first frame, so it cannot be drawn too.
+    single = tmp_path / "single.mp4"
+    assert cli.main(["generate", prompt, "-o", str(single), "--steps", "2", "--no-image-first"]) == 0
+    graph = json.loads(read_tags(single)["prompt"])
+    (sampler,) = [n["inputs"] for n in graph.values() if n["class_type"] == "ZoetropeSampler"]
+    assert "first_frame" not in sampler
     with pytest.raises(SystemExit):
         cli.main(["generate", prompt, "-o", str(out), "--image", str(out), "--image-first"])
 

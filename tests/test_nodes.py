@@ -297,7 +297,7 @@ def test_start_image_of_another_aspect_ratio(models, caplog):
     wide = torch.rand(1, 32, 64, 3)
     noise = ZoetropeVideoNoise().noise(vae, 32, 32, 5, 1, 0)[0]
     own_size = ZoetropeVAEEncode().encode(vae, wide)[0]
-    with pytest.raises(ValueError, match="set ZoetropeVAEEncode's width and height"):
+    with pytest.raises(ValueError, match="width and height of this sampler's ZoetropeVideoNoise: on ZoetropeVAEEncode"):
         ZoetropeSampler().sample(model, conditioning(te), conditioning(te, ""), noise, 1, 1.0, 0.0, "auto", 1.0,
                                  first_frame=own_size)
     with caplog.at_level(logging.WARNING, logger="zoetrope"):

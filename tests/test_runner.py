@@ -14,7 +14,8 @@ from zoetrope.nodes.runner import WorkflowError, parse_set, ui_to_api, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 T2V = ROOT / "workflows" / "zoetrope_text_to_video.json"
-TINY = ["--set", "7.width=32", "--set", "7.height=32", "--set", "7.frames=5", "--set", "8.steps=2"]
+TINY = ["--set", "7.width=32", "--set", "7.height=32", "--set", "7.frames=5", "--set", "8.steps=2",
+        "--set", "11.width=32", "--set", "11.height=32", "--set", "12.steps=2"]     # 11, 12: the first frame
 
 
 pytestmark = pytest.mark.usefixtures("quiet_host")
@@ -85,13 +86,17 @@ def small_graph(mode_of_scale=0):
 
 def test_shipped_text_to_video_converts_by_the_frontend_rules():
     api = ui_to_api(json.loads(T2V.read_text()))
-    assert set(api) == {"2", "3", "4", "5", "6", "7", "8", "9", "10"}            # the Note (1) is left out
+    assert set(api) == {"2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12"}  # the Note (1) is left out
     assert api["7"] == {"class_type": "ZoetropeVideoNoise", "_meta": {"title": "Zoetrope Video Noise"},
                         "inputs": {"width": 64, "height": 64, "frames": 17, "batch": 1, "seed": 7,
                                    "vae": ["4", 0]}}                          # "fixed" (control) is not sent
-    assert api["8"]["inputs"] == {"steps": 0, "cfg": 0.0, "shift": 0.0, "solver": "auto", "denoise": 1.0,
-                                  "model": ["2", 0], "positive": ["5", 0], "negative": ["6", 0],
-                                  "latent": ["7", 0]}
+    picture = {"steps": 0, "cfg": 0.0, "shift": 0.0, "solver": "auto", "denoise": 1.0, "model": ["2", 0],
+               "positive": ["5", 0], "negative": ["6", 0]}
+    # The clip's sampler animates the picture the first one draws from one frame of noise.
+    assert api["8"]["inputs"] == {**picture, "latent": ["7", 0], "first_frame": ["12", 0]}
+    assert api["12"]["inputs"] == {**picture, "latent": ["11", 0]}
+    assert api["12"]["_meta"] == {"title": "First frame (picture)"}
+    assert api["11"]["inputs"]["frames"] == 1
     assert api["5"]["_meta"] == {"title": "Prompt"}
     assert api["10"]["inputs"] == {"fps": 8.0, "format": "mp4", "crf": 19, "filename_prefix": "Zoetrope/text_to_video",
                                    "frames": ["9", 0]}
@@ -246,6 +251,14 @@ def test_cli_runs_a_workflow_and_reports_the_file(builtin_model, tmp_path, capsy
     assert rc == 0
     (line,) = [line for line in out.splitlines() if line.startswith("wrote ")]
     assert Path(line[6:]).is_file() and Path(line[6:]).parent == tmp_path / "out" / "Zoetrope"
+
+
+def test_a_first_frame_of_another_size_than_the_clip_is_a_clear_error(builtin_model, tmp_path, capsys):
+    from zoetrope.cli import main
+    rc = main(["run", str(T2V), "--output-dir", str(tmp_path / "out"), *TINY, "--set", "11.width=64"])
+    err = capsys.readouterr().err
+    assert rc != 0 and not (tmp_path / "out" / "Zoetrope").exists()
+    assert "node 8 (ZoetropeSampler)" in err and "the noise of the sampler that drew the first frame" in err
 
 
 def test_cli_reports_an_invalid_workflow_without_running(tmp_path, capsys):

@@ -114,8 +114,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cfg", type=float, default=d["cfg"])
     ap.add_argument("--shift", type=float, default=d["shift"])
     ap.add_argument("--solver", default=d["solver"], choices=sorted(sampling.SOLVERS))
-    ap.add_argument("--image-first", action="store_true",
-                    help="text-to-video draws each first frame as a picture, then animates it (as generate does)")
+    ap.add_argument("--image-first", action=argparse.BooleanOptionalAction, default=builtin.IMAGE_FIRST,
+                    help="text-to-video draws each first frame as a picture, then animates it (as generate does; "
+                         "default %(default)s)")
     ap.add_argument("--model", default=str(builtin.TRANSFORMER))
     ap.add_argument("--vae", default=str(builtin.VAE))
     ap.add_argument("--text-encoder", default=str(builtin.TEXT_ENCODER))

@@ -58,6 +58,8 @@ test("a plan: duration from the save node's fps, batch in the shape, notes for w
   assert.ok(text.includes("17 frames = 2.1 s at 8 fps (from Save)"), text.join("\n"));
   assert.ok(text.some((t) => t.includes("latent 2×16×5×16×16")));
   assert.ok(planLines(plan).filter((l) => l.tone === "note").length === 2);
+  const picture = planLines(makePlan({ family: "builtin", frames: 1, width: 64, height: 64, batch: 1, fps: 8 }));
+  assert.equal(picture[0].text, "1 frame: a picture");
 });
 
 test("without a save node the family's frame rate is used", () => {
