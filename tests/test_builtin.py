@@ -168,6 +168,24 @@ def test_the_autoencoder_trains_on_object_codes_shrunk_and_softened_as_a_sampler
     assert torch.equal(train._like_a_sampler(mu, 0.0, np.random.default_rng(0)), mu)
 
 
+def test_the_decoder_stage_ends_on_exact_codes_after_the_noisy_ones(tmp_path, monkeypatch):
+    noisy = []
+    real = train._like_a_sampler
+    monkeypatch.setattr(train, "_like_a_sampler", lambda mu, *args: noisy.append(mu.shape) or real(mu, *args))
+    from tqdm import tqdm
+
+    def progress(total, name, initial):
+        return tqdm(total=total, initial=initial, disable=True)
+    budget = train.SMOKE
+    vae = train.train_vae(tmp_path, budget, 0, torch.device("cpu"), progress)
+    assert len(noisy) == budget.vae_steps                            # every step of the VAE stage
+    train.train_decoder(tmp_path, vae, budget, 0, torch.device("cpu"), progress)
+    assert len(noisy) == budget.vae_steps + budget.decoder_steps     # then not in the sharpening steps
+    steps = torch.load(tmp_path / "decoder.pt", weights_only=False)["step"]
+    assert steps == budget.decoder_steps + budget.sharpen_steps
+    assert (tmp_path / "decoder.done").exists()
+
+
 def test_the_builtin_model_draws_the_first_frame_as_a_picture_and_animates_it(builtin_model, tmp_path):
     prompt = "a large blue square moving up on a white background"
     out = tmp_path / "clip.mp4"
