@@ -79,8 +79,8 @@ def _generate(argv) -> int:
 
 def text_to_video_graph(args, fmt: str) -> dict:
     """The API-format graph of the built-in text-to-video workflow (image-to-video with --image; with
-    --image-first a first sampler draws the start picture), filled in from the command line. 0 / "auto" widgets take
-    the model's recommended settings."""
+    args.image_first, the built-in model's default, a first sampler draws the start picture), filled in from the
+    command line. 0 / "auto" widgets take the model's recommended settings."""
     from .pipeline.builtin import DEFAULTS
 
     def pick(value, default):

@@ -31,7 +31,7 @@ def generate_clips(dit, vae, te, prompts: list[str], first_frames: np.ndarray | 
                    cfg: float, shift: float, solver: str, batch: int = 16, image_first: bool = False) -> np.ndarray:
     """Clips for many prompts, `batch` at a time: uint8 [N, T, H, W, 3]. first_frames: uint8 [N, H, W, 3].
     image_first (text-to-video only): draw each first frame as a one-frame clip, then continue it, as
-    `zoetrope generate --image-first` does."""
+    `zoetrope generate` does for the built-in model (builtin.IMAGE_FIRST)."""
     p = plan(vae, world.FRAMES, world.SIZE, world.SIZE, patch=dit.config.patch_size)
     picture_shape = plan(vae, 1, world.SIZE, world.SIZE, patch=dit.config.patch_size).latent_shape
     device = next(dit.parameters()).device
@@ -57,7 +57,7 @@ def generate_clips(dit, vae, te, prompts: list[str], first_frames: np.ndarray | 
 
 
 def run(dit, vae, te, *, single: int, two: int, i2v: int, seed: int, steps: int, cfg: float, shift: float,
-        solver: str, out: Path, batch: int = 16, image_first: bool = False, progress=print) -> dict:
+        solver: str, out: Path, image_first: bool, batch: int = 16, progress=print) -> dict:
     rng = np.random.default_rng(seed)
     cases = ([("single", world.sample_scene(rng, 1)) for _ in range(single)]
              + [("two", world.sample_scene(rng, 2)) for _ in range(two)]
