@@ -112,7 +112,10 @@ def _bf16_native(device: torch.device) -> bool:
     """Whether `device` computes bfloat16 matrix products in hardware (a recent GPU; a CPU with AVX-512, where
     oneDNN has bf16 kernels) rather than emulating them."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        try:     # older GPUs (before Ampere) emulate bf16 too, and torch counts that as support by default
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:   # an older torch, without the argument
+            return torch.cuda.is_bf16_supported()
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):   # a private check: a torch without it gets the safe answer
