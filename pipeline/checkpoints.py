@@ -338,7 +338,7 @@ class ModelInfo:
     variant: Variant | None = None     # the released transformer it matches, with its recommended settings
     config: DiTConfig | VAEConfig | TextEncoderConfig | None = None
     precision: str = ""                # fp32 | fp16 | bf16 | fp8_e4m3fn | fp8_e4m3fn scaled | ...
-    dtype: str = ""                    # storage dtype of the full-precision tensors: the default compute dtype
+    dtype: str = ""                    # storage dtype of the full-precision tensors: the default compute dtype on a GPU
     num_params: int = 0
     file_size: int | None = None
     layout: str = ""                   # official | comfyui-prefixed | diffusers | hf
@@ -788,9 +788,13 @@ def _compute_dtype(dtype, info: ModelInfo, device):
             raise ValueError(f"unknown dtype {name!r}; expected float32, float16 or bfloat16 (or fp32/fp16/bf16)")
     if dtype is None:
         stored = getattr(torch, info.dtype or "float32")
-        # fp32 weights compute in fp32 on the CPU; on an accelerator bf16 halves memory and time (Wan's own
-        # transformer and umT5 run in bf16 there).
-        dtype = stored if stored in (torch.float16, torch.bfloat16) or device.type == "cpu" else torch.bfloat16
+        # On an accelerator the file's half precision, and bf16 for fp32 files: it halves memory and time (Wan's own
+        # transformer and umT5 run in bf16 there). On a CPU fp32, as the nodes' "auto" precision: most CPUs emulate
+        # half-precision products (on an AVX2-only CPU a bf16 transformer step took 15 times as long as fp32).
+        if device.type == "cpu":
+            dtype = torch.float32
+        else:
+            dtype = stored if stored in (torch.float16, torch.bfloat16) else torch.bfloat16
     if not dtype.is_floating_point or dtype.itemsize < 2:
         raise ValueError(f"cannot compute in {dtype}: expected float32, float16 or bfloat16. fp8 files stay fp8 in "
                          "memory by themselves; pass the dtype to compute in.")

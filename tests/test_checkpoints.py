@@ -27,8 +27,8 @@ import torch
 from safetensors.torch import save_file
 
 from zoetrope.pipeline import load_text_encoder, load_transformer, load_vae, ops
-from zoetrope.pipeline.checkpoints import (CheckpointError, Header, TensorMeta, config_metadata, detect,
-                                           read_header, read_state_dict)
+from zoetrope.pipeline.checkpoints import (CheckpointError, Header, TensorMeta, _compute_dtype, config_metadata,
+                                           detect, read_header, read_state_dict)
 from zoetrope.pipeline.config import UMT5_XXL, WAN21_VAE, WAN22_VAE, DiTConfig, VAEConfig
 from zoetrope.pipeline.dit import WanModel
 from zoetrope.pipeline.inspect_cli import main as inspect_main
@@ -413,13 +413,21 @@ def test_official_folder_gives_each_loader_its_own_file(dit_pair, vae_pair, umt5
     assert load_text_encoder(tmp_path).info.path.endswith("models_t5_umt5-xxl-enc-bf16.pth")
 
 
-def test_dtype_defaults_to_the_files_precision(dit_pair, tmp_path):
+def test_dtype_defaults_to_the_files_precision_on_a_gpu_and_fp32_on_a_cpu(dit_pair, tmp_path):
     half = {k: v.to(torch.bfloat16) for k, v in dit_pair[0].items()}
-    model = load_transformer(save(half, tmp_path / "wan_bf16.safetensors"))
-    assert model.info.precision == "bf16" and model.blocks[0].ffn[0].weight.dtype == torch.bfloat16
-    model = load_transformer(save(half, tmp_path / "wan_bf16.safetensors"), dtype=torch.float32)
-    assert model.blocks[0].ffn[0].weight.dtype == torch.float32
-    assert read_state_dict(tmp_path / "wan_bf16.safetensors")["blocks.0.ffn.0.weight"].dtype == torch.bfloat16
+    path = save(half, tmp_path / "wan_bf16.safetensors")
+    model = load_transformer(path)                                 # on the CPU
+    assert model.info.precision == "bf16" and model.blocks[0].ffn[0].weight.dtype == torch.float32
+    model = load_transformer(path, dtype=torch.bfloat16)
+    assert model.blocks[0].ffn[0].weight.dtype == torch.bfloat16
+    assert read_state_dict(path)["blocks.0.ffn.0.weight"].dtype == torch.bfloat16
+    # On an accelerator: the file's half precision, bf16 for fp32 files (decided before anything is placed).
+    gpu = torch.device("cuda")
+    for stored, expected in (("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", torch.bfloat16)):
+        info = dataclasses.replace(model.info, dtype=stored)
+        assert _compute_dtype(None, info, gpu) == expected
+        assert _compute_dtype(None, info, torch.device("cpu")) == torch.float32
+        assert _compute_dtype("fp16", info, torch.device("cpu")) == torch.float16
 
 
 def test_custom_sizes_take_their_head_count_from_metadata(tmp_path):
@@ -517,7 +525,9 @@ def test_fp8_files_stay_fp8_and_match_full_precision_within_fp8_rounding(form, d
 def test_fp8_with_half_precision_rest_computes_in_that_precision(dit_pair, tmp_path):
     stored, _, _ = quantise(dit_pair[0], "scaled")
     stored = {k: v.half() if v.dtype == torch.float32 and v.ndim > 0 else v for k, v in stored.items()}
-    model = load_transformer(save(stored, tmp_path / "wan_fp8_scaled.safetensors"))
+    path = save(stored, tmp_path / "wan_fp8_scaled.safetensors")
+    assert load_transformer(path).info.dtype == "float16"      # what a GPU computes in by default (fp32 on a CPU)
+    model = load_transformer(path, dtype=torch.float16)
     assert model.blocks[0].ffn[0].weight.dtype == FP8 and model.blocks[0].ffn[0].bias.dtype == torch.float16
     assert model.blocks[0].modulation.dtype == torch.float32  # the module keeps its modulation tables in fp32
     assert torch.isfinite(run_dit(model)).all()
