@@ -21,7 +21,7 @@ than one two-thread process (on two threads the transformer runs 1.6 times as fa
 2-core CPU with AVX-512, which computes in bf16: VAE ~21 min (2 threads), then decoder ~86 min (1 thread; 74
 measured for its 6000 noisy steps) beside the latent pool ~9 and the transformer (1.08 s a step on 1 thread until
 the decoder ends, 0.73 s on 2 after: ~134 min, its halves ~80 and ~55); about 2 h 45 min in all. A 2-core CPU with
-AVX2 only computes in fp32 and takes four to five times as long: VAE 3.1 s a step on 2 threads, decoder 4.0 s on
+AVX2 only computes in fp32 and takes three to five times as long: VAE 3.1 s a step on 2 threads, decoder 4.0 s on
 1, transformer 3.5 s on 1 and 2.0 s on 2; about 10 hours in all. `--only STAGE` runs one stage. A GPU, when
 present, is used and takes minutes.
 """
