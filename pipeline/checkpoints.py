@@ -786,15 +786,14 @@ def _compute_dtype(dtype, info: ModelInfo, device):
         name, dtype = dtype, getattr(torch, aliases.get(dtype, dtype), None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"unknown dtype {name!r}; expected float32, float16 or bfloat16 (or fp32/fp16/bf16)")
-    if dtype is None:
+    # On a CPU fp32, as the nodes' "auto" precision: most CPUs emulate half-precision products (on an AVX2-only CPU
+    # a bf16 transformer step took 15 times as long as fp32). On an accelerator the file's half precision, and bf16
+    # for fp32 files: it halves memory and time (Wan's own transformer and umT5 run in bf16 there).
+    if dtype is None and device.type == "cpu":
+        dtype = torch.float32
+    elif dtype is None:
         stored = getattr(torch, info.dtype or "float32")
-        # On an accelerator the file's half precision, and bf16 for fp32 files: it halves memory and time (Wan's own
-        # transformer and umT5 run in bf16 there). On a CPU fp32, as the nodes' "auto" precision: most CPUs emulate
-        # half-precision products (on an AVX2-only CPU a bf16 transformer step took 15 times as long as fp32).
-        if device.type == "cpu":
-            dtype = torch.float32
-        else:
-            dtype = stored if stored in (torch.float16, torch.bfloat16) else torch.bfloat16
+        dtype = stored if stored in (torch.float16, torch.bfloat16) else torch.bfloat16
     if not dtype.is_floating_point or dtype.itemsize < 2:
         raise ValueError(f"cannot compute in {dtype}: expected float32, float16 or bfloat16. fp8 files stay fp8 in "
                          "memory by themselves; pass the dtype to compute in.")

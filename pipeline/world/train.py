@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import io
 import logging
 import math
@@ -108,6 +109,7 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@functools.lru_cache(maxsize=None)     # asked on every step (_autocast); the answer never changes
 def _bf16_native(device: torch.device) -> bool:
     """Whether `device` computes bfloat16 matrix products in hardware (a recent GPU; a CPU with AVX-512, where
     oneDNN has bf16 kernels) rather than emulating them."""
