@@ -98,7 +98,7 @@ export function findFamily(name, facts) {
 }
 
 // Bytes per weight and per activation value for a loader's precision choice on a device (nodes/models.py
-// compute_dtype: auto is fp32 on a CPU and bf16 on a GPU; fp8 keeps the big weights in 8 bits).
+// compute_dtype: auto is fp32 on a CPU and 16 bits on a GPU; fp8 keeps the big weights in 8 bits).
 export function precisionBytes(precision, deviceType) {
   const compute = { fp32: 4, bf16: 2, fp16: 2 }[precision] ?? (deviceType === "cpu" ? 4 : 2);
   return { weights: precision === "fp8" ? 1 : compute, activations: compute };

@@ -12,8 +12,9 @@ from .models import BUILTIN, DEVICES, PRECISIONS, Loaded, compute_dtype, latent_
 
 log = logging.getLogger("zoetrope")
 
-PRECISION_TIP = ("Precision the weights are computed in. auto: fp32 on a CPU, bf16 on a GPU (fp16 where bf16 is "
-                 "missing). fp8 keeps the big layers in 8 bits (half the memory of bf16) and computes in bf16.")
+PRECISION_TIP = ("Precision the weights are computed in. auto: fp32 on a CPU; on a GPU the file's own 16-bit "
+                 "precision, else bf16 (fp16 on GPUs without hardware bf16, such as RTX 20xx and T4). fp8 keeps the "
+                 "big layers in 8 bits (half the memory of 16 bits) and computes as auto does.")
 DEVICE_TIP = ("Where the model computes. auto: ComfyUI's GPU when there is one, else the CPU. Between stages the "
               "model waits in system memory.")
 
@@ -59,13 +60,16 @@ def _facts(handle: Loaded) -> dict:
 
 def _load(kind: str, folder: str, name: str, precision: str, device: str, builtin_path) -> Loaded:
     from .. import pipeline
+    from ..pipeline import checkpoints
     path = _file(folder, name, builtin_path)
     dev = host.compute_device(device)
     offload = host.offload_device(dev)
-    dtype = compute_dtype(precision, dev)
     loader = {"transformer": pipeline.load_transformer, "vae": pipeline.load_vae,
               "text_encoder": pipeline.load_text_encoder}[kind]
-    module = loader(path, device=offload, dtype=dtype)
+    # The model waits in system memory, so its default dtype is decided here for the device it computes on.
+    header = checkpoints.read_header(path, kind)
+    dtype = checkpoints.resolve_dtype(compute_dtype(precision), checkpoints.detect(header), dev)
+    module = loader(header, device=offload, dtype=dtype)
     if precision == "fp8":
         store_fp8(module)
     handle = Loaded(module, name, dev, offload, getattr(module, "info", None))
@@ -151,7 +155,8 @@ class ZoetropeVAELoader:
                 "tooltip": "A file from models/vae (wan_2.1_vae or wan2.2_vae), or 'builtin' for the built-in "
                            "model's VAE."}),
             "precision": (["auto", "fp32", "bf16", "fp16"], {
-                "default": "auto", "tooltip": "Precision the VAE computes in. auto: fp32 on a CPU, bf16 on a GPU."}),
+                "default": "auto", "tooltip": "Precision the VAE computes in. auto: fp32 on a CPU; on a GPU the "
+                           "file's own 16-bit precision, else bf16 (fp16 on GPUs without hardware bf16)."}),
             "device": (list(DEVICES), {"default": "auto", "tooltip": DEVICE_TIP}),
         }}
 

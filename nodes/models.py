@@ -100,20 +100,14 @@ def move(module, device) -> None:
             m.weight_scale = m.weight_scale.to(device)
 
 
-def compute_dtype(precision: str, device):
-    """The dtype a model computes in for a precision choice. fp8 stores the big weights in fp8 and computes in
-    bf16 (fp32 on a CPU)."""
+def compute_dtype(precision: str):
+    """The dtype a model computes in for a precision choice, or None for the loaders' own default (auto, and fp8,
+    which stores the big weights in fp8 and computes in the default): fp32 on a CPU; on a GPU the file's 16-bit
+    precision, bf16 for other files, fp16 on GPUs without hardware bf16 (pipeline.ops.default_dtype)."""
     import torch
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    explicit = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision in explicit:
-        return explicit[precision]
-    if device.type == "cpu":
-        return torch.float32
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 def store_fp8(module) -> int:

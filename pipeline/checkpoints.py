@@ -739,7 +739,7 @@ def _load(kind: str, source, device, dtype):
     info = detect(header)
     _check_loadable(info, kind)
     device = torch.device(device if device is not None else "cpu")
-    dtype = _compute_dtype(dtype, info, device)
+    dtype = resolve_dtype(dtype, info, device)
     tensors = _read_tensors(header)
     tokenizer = _find_tokenizer(tensors, header) if kind == "text_encoder" else None
     state_dict, scales = _prepare(tensors, header.metadata, info, kind)
@@ -778,22 +778,20 @@ def _article(name: str) -> str:
     return name if name.startswith(("a ", "an ")) else f"the {name}"
 
 
-def _compute_dtype(dtype, info: ModelInfo, device):
+def resolve_dtype(dtype, info: ModelInfo, device):
+    """The torch dtype a model described by `info` computes in on `device`: `dtype` as given (a torch dtype or a
+    name such as "bf16"), or when None the default for the device and the file's precision (ops.default_dtype)."""
     import torch
+
+    from . import ops
 
     if isinstance(dtype, str):
         aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
         name, dtype = dtype, getattr(torch, aliases.get(dtype, dtype), None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"unknown dtype {name!r}; expected float32, float16 or bfloat16 (or fp32/fp16/bf16)")
-    # On a CPU fp32, as the nodes' "auto" precision: most CPUs emulate half-precision products (on an AVX2-only CPU
-    # a bf16 transformer step took 15 times as long as fp32). On an accelerator the file's half precision, and bf16
-    # for fp32 files: it halves memory and time (Wan's own transformer and umT5 run in bf16 there).
-    if dtype is None and device.type == "cpu":
-        dtype = torch.float32
-    elif dtype is None:
-        stored = getattr(torch, info.dtype or "float32")
-        dtype = stored if stored in (torch.float16, torch.bfloat16) else torch.bfloat16
+    if dtype is None:
+        dtype = ops.default_dtype(device, getattr(torch, info.dtype or "float32"))
     if not dtype.is_floating_point or dtype.itemsize < 2:
         raise ValueError(f"cannot compute in {dtype}: expected float32, float16 or bfloat16. fp8 files stay fp8 in "
                          "memory by themselves; pass the dtype to compute in.")

@@ -6,6 +6,8 @@ up-cast one layer at a time in `forward`. That keeps a 14B model in fp8 at ~14 G
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,3 +45,36 @@ def compute_dtype_of(module: nn.Module) -> torch.dtype:
         if p.is_floating_point() and p.dtype not in FP8_DTYPES:
             return p.dtype
     return torch.float32
+
+
+@functools.lru_cache(maxsize=None)     # asked on every training step; the answer never changes
+def bf16_native(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 matrix products in hardware (an Ampere or newer GPU; a CPU with AVX-512,
+    where oneDNN has bf16 kernels) rather than emulating them, several times slower than fp32 or fp16."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:     # older GPUs (RTX 20xx, T4, V100) emulate bf16, and torch counts that as support by default
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:   # an older torch, without the argument
+            return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):   # a private check: a torch without it gets the safe answer
+            return False
+    return True          # other accelerators (Apple's MPS on a current macOS) compute bf16 themselves
+
+
+def default_dtype(device: torch.device, stored: torch.dtype | None = None) -> torch.dtype:
+    """The dtype a model computes in when the user does not say, for weights stored in `stored` (None: unknown).
+
+    On a CPU float32: most CPUs emulate half-precision products (on an AVX2-only CPU a bf16 transformer step took
+    15 times as long as fp32). On an accelerator 16 bits, which halve memory and time: the file's own half
+    precision where the hardware computes it, else bf16 where the hardware has it (Wan itself runs in bf16), else
+    fp16, as ComfyUI chooses on GPUs older than Ampere."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.float32
+    if stored == torch.float16:
+        return torch.float16
+    return torch.bfloat16 if bf16_native(device) else torch.float16

@@ -11,7 +11,7 @@ import torch
 
 from zoetrope import cli
 from zoetrope.pipeline import generate as gen
-from zoetrope.pipeline import load_text_encoder, load_transformer, load_vae
+from zoetrope.pipeline import load_text_encoder, load_transformer, load_vae, ops
 from zoetrope.pipeline.video_io import read_tags, read_video
 from zoetrope.pipeline.world import scene as world
 from zoetrope.pipeline.world import train
@@ -146,9 +146,9 @@ def test_generate_refuses_an_unknown_format(builtin_model, tmp_path):
 
 def test_training_computes_in_bf16_only_where_the_hardware_has_it(monkeypatch):
     # Emulated bf16 (an AVX2-only CPU) made a training step fifteen times slower than fp32.
-    assert train._bf16_native(torch.device("cpu")) in (True, False)
+    assert ops.bf16_native(torch.device("cpu")) in (True, False)
     for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(train, "_bf16_native", lambda device, native=native: native)
+        monkeypatch.setattr(ops, "bf16_native", lambda device, native=native: native)
         with train._autocast(torch.device("cpu")):
             assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == dtype
 

@@ -27,8 +27,8 @@ import torch
 from safetensors.torch import save_file
 
 from zoetrope.pipeline import load_text_encoder, load_transformer, load_vae, ops
-from zoetrope.pipeline.checkpoints import (CheckpointError, Header, TensorMeta, _compute_dtype, config_metadata,
-                                           detect, read_header, read_state_dict)
+from zoetrope.pipeline.checkpoints import (CheckpointError, Header, TensorMeta, config_metadata, detect, read_header,
+                                           read_state_dict, resolve_dtype)
 from zoetrope.pipeline.config import UMT5_XXL, WAN21_VAE, WAN22_VAE, DiTConfig, VAEConfig
 from zoetrope.pipeline.dit import WanModel
 from zoetrope.pipeline.inspect_cli import main as inspect_main
@@ -413,7 +413,7 @@ def test_official_folder_gives_each_loader_its_own_file(dit_pair, vae_pair, umt5
     assert load_text_encoder(tmp_path).info.path.endswith("models_t5_umt5-xxl-enc-bf16.pth")
 
 
-def test_dtype_defaults_to_the_files_precision_on_a_gpu_and_fp32_on_a_cpu(dit_pair, tmp_path):
+def test_dtype_defaults_to_the_files_precision_on_a_gpu_and_fp32_on_a_cpu(dit_pair, tmp_path, monkeypatch):
     half = {k: v.to(torch.bfloat16) for k, v in dit_pair[0].items()}
     path = save(half, tmp_path / "wan_bf16.safetensors")
     model = load_transformer(path)                                 # on the CPU
@@ -421,13 +421,19 @@ def test_dtype_defaults_to_the_files_precision_on_a_gpu_and_fp32_on_a_cpu(dit_pa
     model = load_transformer(path, dtype=torch.bfloat16)
     assert model.blocks[0].ffn[0].weight.dtype == torch.bfloat16
     assert read_state_dict(path)["blocks.0.ffn.0.weight"].dtype == torch.bfloat16
-    # On an accelerator: the file's half precision, bf16 for fp32 files (decided before anything is placed).
+    # On a GPU (decided before anything is placed): the file's half precision, bf16 for fp32 files; on a GPU
+    # without hardware bf16 (RTX 20xx, T4, where torch emulates it several times slower) fp16 instead.
     gpu = torch.device("cuda")
-    for stored, expected in (("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", torch.bfloat16)):
-        info = dataclasses.replace(model.info, dtype=stored)
-        assert _compute_dtype(None, info, gpu) == expected
-        assert _compute_dtype(None, info, torch.device("cpu")) == torch.float32
-        assert _compute_dtype("fp16", info, torch.device("cpu")) == torch.float16
+    for native, table in ((True, (("bfloat16", torch.bfloat16), ("float16", torch.float16),
+                                  ("float32", torch.bfloat16))),
+                          (False, (("bfloat16", torch.float16), ("float16", torch.float16),
+                                   ("float32", torch.float16)))):
+        monkeypatch.setattr(ops, "bf16_native", lambda device, native=native: native)
+        for stored, expected in table:
+            info = dataclasses.replace(model.info, dtype=stored)
+            assert resolve_dtype(None, info, gpu) == expected, (native, stored)
+            assert resolve_dtype(None, info, torch.device("cpu")) == torch.float32
+            assert resolve_dtype("fp16", info, torch.device("cpu")) == torch.float16
 
 
 def test_custom_sizes_take_their_head_count_from_metadata(tmp_path):

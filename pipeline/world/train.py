@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import io
 import logging
 import math
@@ -44,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import builtin, sampling
+from .. import builtin, ops, sampling
 from ..config import DiTConfig, TextEncoderConfig, VAEConfig
 from ..dit import WanModel
 from ..text_encoder import TextEncoder, UMT5Encoder
@@ -109,25 +108,10 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@functools.lru_cache(maxsize=None)     # asked on every step (_autocast); the answer never changes
-def _bf16_native(device: torch.device) -> bool:
-    """Whether `device` computes bfloat16 matrix products in hardware (a recent GPU; a CPU with AVX-512, where
-    oneDNN has bf16 kernels) rather than emulating them."""
-    if device.type == "cuda":
-        try:     # older GPUs (before Ampere) emulate bf16 too, and torch counts that as support by default
-            return torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:   # an older torch, without the argument
-            return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):   # a private check: a torch without it gets the safe answer
-        return False
-
-
 def _autocast(device: torch.device):
     # bf16 where the hardware has it: several times faster than fp32 on AVX-512 CPUs and GPUs. Elsewhere fp32: on an
     # AVX2-only CPU bf16 is emulated, and a transformer step took 30 s against 2.0 s in fp32 (a VAE step 80 s).
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=_bf16_native(device))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=ops.bf16_native(device))
 
 
 class Stage:
@@ -654,7 +638,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = _device()
     log.info("train-builtin seed %d on %s (%s), budget %s", args.seed, device,
-             "bf16" if _bf16_native(device) else "fp32: no native bf16 here", budget)
+             "bf16" if ops.bf16_native(device) else "fp32: no native bf16 here", budget)
 
     from tqdm import tqdm
 
