@@ -5,7 +5,8 @@ The transformer has to carry an object from latent frame to latent frame. With W
 frame codes one picture and each later one four frames, and nothing in reconstruction training makes the codes of
 the same object agree across them. This script measures that, on rendered single-object clips:
 
-- reconstruction: the evaluator's verdict on the decoded clips (the ceiling for anything the model generates);
+- reconstruction: the evaluator's verdict on the decoded clips (the ceiling for anything the model generates), and
+  per shape how much of its bounding box the decoded object fills against the rendered one;
 - per latent frame, the size of the object's code (its departure from the clip's background code, at its peak);
 - per latent frame, the cosine between that code and the first frame's (1 = the same direction);
 - blending: the decoded average of two clips' latents against the average of their pictures. Early in sampling the
@@ -69,8 +70,8 @@ def main() -> None:
     video = evaluate.to_video(np.stack([world.render(s) for s in scenes]))
     z = vae.normalize(vae.encode(video))
     decoded = vae.decode(vae.denormalize(z))
-    verdict = evaluate.summarise([evaluate.score(evaluate.to_frames(d), world.prompt(s))
-                                  for d, s in zip(decoded, scenes)])
+    scores = [evaluate.score(evaluate.to_frames(d), world.prompt(s)) for d, s in zip(decoded, scenes)]
+    verdict = evaluate.summarise(scores)
     # Each clip blended half and half with the next one; errors in 0-255 steps, on the pixels where either clip
     # shows an object (the backgrounds are easy and would hide the difference).
     blend = vae.decode(vae.denormalize(0.5 * (z + z.roll(1, dims=0))))
@@ -84,6 +85,16 @@ def main() -> None:
     print(f"{args.vae}: {args.clips} clips")
     print(f"reconstruction judged correct: all {verdict['single_all']:.0%}, colour {verdict['single_colour']:.0%}, "
           f"shape {verdict['single_shape']:.0%}, motion {verdict['single_motion']:.0%}")
+    # Shape is judged by how much of its bounding box an object fills; a decoder that rounds corners and apexes
+    # moves squares and triangles towards the disc's 0.79.
+    print("per shape: judged right; median bounding-box fill, decoded / rendered")
+    for shape in world.SHAPES:
+        picked = [(r, s) for r, s in zip(scores, scenes) if s.objects[0].shape == shape]
+        found = [r["objects"][0]["detected"].fill for r, _ in picked if r["objects"][0]["detected"] is not None]
+        if found:
+            rendered = [evaluate.analyse(world.render(s)).objects[0].fill for _, s in picked]
+            right = np.mean([r["objects"][0]["shape"] for r, _ in picked])
+            print(f"  {shape:<9}{right:5.0%} of {len(picked):3d}; fill {np.median(found):.2f} / {np.median(rendered):.2f}")
     print(f"object pixels, mean largest channel error (0-255): reconstruction {recon_error:.1f}, "
           f"half-and-half blend of two clips {blend_error:.1f}")
     print("latent frame                    " + " ".join(f"{f:>6d}" for f in range(size.shape[1])))
