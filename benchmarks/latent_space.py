@@ -67,7 +67,8 @@ def main() -> None:
     vae = load(args.vae)
     rng = np.random.default_rng(args.seed)
     scenes = [world.sample_scene(rng, 1) for _ in range(args.clips)]
-    video = evaluate.to_video(np.stack([world.render(s) for s in scenes]))
+    rendered = np.stack([world.render(s) for s in scenes])                                # uint8 [n, T, H, W, 3]
+    video = evaluate.to_video(rendered)
     z = vae.normalize(vae.encode(video))
     decoded = vae.decode(vae.denormalize(z))
     scores = [evaluate.score(evaluate.to_frames(d), world.prompt(s)) for d, s in zip(decoded, scenes)]
@@ -89,12 +90,12 @@ def main() -> None:
     # moves squares and triangles towards the disc's 0.79.
     print("per shape: judged right; median bounding-box fill, decoded / rendered")
     for shape in world.SHAPES:
-        picked = [(r, s) for r, s in zip(scores, scenes) if s.objects[0].shape == shape]
+        picked = [(r, clip) for r, clip, s in zip(scores, rendered, scenes) if s.objects[0].shape == shape]
         found = [r["objects"][0]["detected"].fill for r, _ in picked if r["objects"][0]["detected"] is not None]
         if found:
-            rendered = [evaluate.analyse(world.render(s)).objects[0].fill for _, s in picked]
+            truth = [evaluate.analyse(clip).objects[0].fill for _, clip in picked]
             right = np.mean([r["objects"][0]["shape"] for r, _ in picked])
-            print(f"  {shape:<9}{right:5.0%} of {len(picked):3d}; fill {np.median(found):.2f} / {np.median(rendered):.2f}")
+            print(f"  {shape:<9}{right:5.0%} of {len(picked):3d}; fill {np.median(found):.2f} / {np.median(truth):.2f}")
     print(f"object pixels, mean largest channel error (0-255): reconstruction {recon_error:.1f}, "
           f"half-and-half blend of two clips {blend_error:.1f}")
     print("latent frame                    " + " ".join(f"{f:>6d}" for f in range(size.shape[1])))

@@ -338,7 +338,7 @@ class ModelInfo:
     variant: Variant | None = None     # the released transformer it matches, with its recommended settings
     config: DiTConfig | VAEConfig | TextEncoderConfig | None = None
     precision: str = ""                # fp32 | fp16 | bf16 | fp8_e4m3fn | fp8_e4m3fn scaled | ...
-    dtype: str = ""                    # storage dtype of the full-precision tensors: the default compute dtype on a GPU
+    dtype: str = ""                    # storage dtype of the full-precision tensors (see ops.default_dtype)
     num_params: int = 0
     file_size: int | None = None
     layout: str = ""                   # official | comfyui-prefixed | diffusers | hf
