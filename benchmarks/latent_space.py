@@ -16,7 +16,7 @@ the same object agree across them. This script measures that, on rendered single
     python benchmarks/latent_space.py                          # pipeline/builtin/zoetrope_builtin_vae.safetensors
     python benchmarks/latent_space.py --vae builtin-training/vae.pt --clips 48
 
-A `.pt` file is a `zoetrope train-builtin` checkpoint (the vae or decoder stage); its latent statistics are
+A `.pt` file is a `zoetrope train-builtin` checkpoint (the vae stage); its latent statistics are
 measured here as the training command does.
 """
 from __future__ import annotations

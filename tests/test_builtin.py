@@ -36,24 +36,7 @@ def test_training_smoke_run_writes_files_the_public_loaders_read(tmp_path):
     assert te.tokenizer.unknown_words(world.prompt(world.sample_scene(np.random.default_rng(0), 2))) == []
     # Every stage left a finished marker, so a second run resumes instead of training again.
     assert sorted(p.name for p in (tmp_path / "work").glob("*.done")) == [
-        "decoder.done", "latents.done", "transformer.done", "vae.done"]
-
-
-@pytest.mark.parametrize("beside_fails", [False, True])
-def test_on_two_cores_the_decoder_trains_in_a_process_beside_the_transformer(tmp_path, monkeypatch, beside_fails):
-    if beside_fails:   # the second process cannot start its work: the decoder stage runs in this one afterwards
-        monkeypatch.setattr(train.sys, "executable", "false")
-    work, out, threads = tmp_path / "work", tmp_path / "out", torch.get_num_threads()
-    try:
-        assert train.main(["--smoke", "--work", str(work), "--out", str(out), "--threads", "2"]) == 0
-        assert torch.get_num_threads() == 2, "the transformer took both cores back"
-    finally:
-        torch.set_num_threads(threads)
-    assert (work / "decoder.done").exists() and len(list(out.iterdir())) == 3
-    log_text = (work / "train.log").read_text()
-    assert "decoder stage started beside the transformer" in log_text
-    assert ("the decoder process failed" in log_text) == beside_fails
-    assert log_text.count("decoder done") == 1 + (not beside_fails)  # the process beside logs it too, when it runs it
+        "latents.done", "transformer.done", "vae.done"]
 
 
 def test_an_unfinished_stage_resumes_from_its_checkpoint(tmp_path):
@@ -161,38 +144,6 @@ def test_the_transformer_loss_weighs_object_positions_above_the_background():
     assert torch.allclose(w[0, :, :, 3:5, 6:8], torch.tensor(5.0))
     assert torch.allclose(w[0, :, :, :3], torch.tensor(1.0)) and torch.allclose(w[1], torch.tensor(1.0))
     assert torch.equal(train._latent_object_weight(x0, 0.0), torch.ones_like(w))
-
-
-def test_the_autoencoder_trains_on_object_codes_shrunk_and_softened_as_a_sampler_leaves_them():
-    mu = torch.randn(1, 16, 1, 1, 1).expand(3, 16, 5, 16, 16).clone()     # a flat background code
-    mu[:, :, :, 6:10, 6:10] += 2.0                                         # one object, 4x4 latent pixels
-    z = train._like_a_sampler(mu, 0.4, np.random.default_rng(0))
-    assert z.shape == mu.shape
-    # Far from the object the background code is untouched (a blur of a flat code is the same code) ...
-    assert torch.allclose(z[..., :4, :], mu[..., :4, :], atol=1e-5)
-    # ... and the object's code keeps its direction, at 60-100% of its size (per clip and frame, not all alike).
-    centre = (z - mu[..., :1, :1])[..., 7:9, 7:9].mean(dim=(-2, -1)) / 2.0                   # [3, 16, 5]
-    assert centre.min() >= 0.6 - 1e-4 and centre.max() <= 1 + 1e-4
-    assert centre.std() > 0.05
-    assert torch.equal(train._like_a_sampler(mu, 0.0, np.random.default_rng(0)), mu)
-
-
-def test_the_decoder_stage_ends_on_exact_codes_after_the_noisy_ones(tmp_path, monkeypatch):
-    noisy = []
-    real = train._like_a_sampler
-    monkeypatch.setattr(train, "_like_a_sampler", lambda mu, *args: noisy.append(mu.shape) or real(mu, *args))
-    from tqdm import tqdm
-
-    def progress(total, name, initial):
-        return tqdm(total=total, initial=initial, disable=True)
-    budget = train.SMOKE
-    vae = train.train_vae(tmp_path, budget, 0, torch.device("cpu"), progress)
-    assert len(noisy) == budget.vae_steps                            # every step of the VAE stage
-    train.train_decoder(tmp_path, vae, budget, 0, torch.device("cpu"), progress)
-    assert len(noisy) == budget.vae_steps + budget.decoder_steps     # then not in the sharpening steps
-    steps = torch.load(tmp_path / "decoder.pt", weights_only=False)["step"]
-    assert steps == budget.decoder_steps + budget.sharpen_steps
-    assert (tmp_path / "decoder.done").exists()
 
 
 def test_the_builtin_model_draws_the_first_frame_as_a_picture_and_animates_it(builtin_model, tmp_path):

@@ -194,6 +194,26 @@ def test_bfloat16_is_finite_and_close_to_float32():
     assert err < 3e-2
 
 
+@pytest.mark.parametrize("lq,lk", [(40, 40), (40, 7), (300, 300)])
+def test_short_bf16_attention_on_a_cpu_stays_within_bf16_precision_of_the_exact_result(lq, lk):
+    g = torch.Generator().manual_seed(13)
+    q = torch.randn(2, lq, 3, 16, generator=g)
+    k, v = torch.randn(2, lk, 3, 16, generator=g), torch.randn(2, lk, 3, 16, generator=g)
+    assert 2 * 3 * lq * lk <= dit.SMALL_ATTENTION
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        *(x.double().transpose(1, 2) for x in (q, k, v))).transpose(1, 2).flatten(2)
+    got = dit.attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    fused = torch.nn.functional.scaled_dot_product_attention(
+        *(x.bfloat16().transpose(1, 2) for x in (q, k, v))).transpose(1, 2).flatten(2)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, lq, 48)
+    # Within bf16's precision of the float64 result: the scores are rounded to bf16 before the softmax (the fused
+    # kernel keeps them in fp32), which costs up to twice its error; a wrong scale or layout would be off by O(1).
+    err, fused_err = relative_error(got.double(), reference), relative_error(fused.double(), reference)
+    print(f"bf16 attention {lq}x{lk}: explicit {err:.1e}, fused {fused_err:.1e} max relative error")
+    assert err < 2.5e-2
+    torch.testing.assert_close(dit.attention(q, k, v), reference.float(), rtol=1e-5, atol=1e-5)   # fp32: fused
+
+
 def test_fp8_weights_stay_fp8_and_match_the_dequantised_model():
     model, _ = tiny_pair(seed=12)
     quantised = dit.WanModel(model.config).eval()

@@ -1,29 +1,21 @@
 """Train the built-in model from nothing: `zoetrope train-builtin`.
 
 Stages, each resumable (a checkpoint every few minutes; a finished stage is skipped on the next run):
-  1. vae         a small Wan-architecture causal VAE, 4x in time and 4x in space (Wan 2.1's is 4x8x8): 64x64
-                 frames to 16x16 latents; trained on Shapes World clips of 1 to 17 frames, mostly crops
-  2. decoder     the decoder alone, encoder frozen, on longer clips: the latent space stays put, so this stage
-                 can run at the same time as the next two
-  3. latents     the tokenizer (SentencePiece over the world's words, stored in the text-encoder file) and a pool
+  1. vae         a small Wan 2.2-style causal VAE (residual stages), 4x in time and 4x in space (Wan 2.1's is
+                 4x8x8): 64x64 frames to 16x16 latents; trained on Shapes World clips of 1 to 17 frames, mostly crops
+  2. latents     the tokenizer (SentencePiece over the world's words, stored in the text-encoder file) and a pool
                  of clips encoded once by the frozen encoder (their prompts are redrawn every time)
-  4. transformer a Wan-architecture DiT and a umT5-architecture text encoder, trained together by flow matching,
+  3. transformer a Wan-architecture DiT and a umT5-architecture text encoder, trained together by flow matching,
                  for text-to-video and for first-frame image-to-video (a clean first latent frame pinned with
                  per-token timesteps, as Wan 2.2 TI2V does); run as two halves of one schedule, transformer-1
                  and transformer-2, so that no stage runs over 90 minutes on a 2-core CPU
-  5. export      the three safetensors files the loaders read
+  4. export      the three safetensors files the loaders read
 
 Everything is seeded. One command runs them all:
     zoetrope train-builtin --work builtin-training
-On a CPU with several cores, the decoder stage runs in a second process on one core beside the latent pool and the
-transformer, and the transformer takes every core once the decoder is done: two one-thread processes do more work
-than one two-thread process (on two threads the transformer runs 1.6 times as fast as on one, not twice). On a
-2-core CPU with AVX-512, which computes in bf16: VAE ~21 min (2 threads), then decoder ~86 min (1 thread; 74
-measured for its 6000 noisy steps) beside the latent pool ~9 and the transformer (1.08 s a step on 1 thread until
-the decoder ends, 0.73 s on 2 after: ~134 min, its halves ~80 and ~55); about 2 h 45 min in all. A 2-core CPU with
-AVX2 only computes in fp32 and takes three to five times as long: VAE 3.1 s a step on 2 threads, decoder 4.0 s on
-1, transformer 3.5 s on 1 and 2.0 s on 2; about 10 hours in all. `--only STAGE` runs one stage. A GPU, when
-present, is used and takes minutes.
+On a 2-core CPU with AVX-512, which computes in bf16: VAE ~37 min (0.55 s a step on 2 threads), latent pool ~3 min,
+transformer ~120 min (1.0 s a step; its halves ~60 each); about 2 h 40 min in all. A CPU with AVX2 only computes in
+fp32 and takes several times as long. `--only STAGE` runs one stage. A GPU, when present, is used and takes minutes.
 """
 from __future__ import annotations
 
@@ -33,7 +25,6 @@ import io
 import logging
 import math
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -54,9 +45,12 @@ from . import evaluate, scene as world
 log = logging.getLogger("zoetrope.train")
 
 # The built-in model's architecture: Wan's classes at small sizes. The VAE compresses 4x in space (64x64 ->
-# 16x16) rather than Wan 2.1's 8x, because an object of 0.2 W is 13 pixels and must keep its shape.
-VAE_CONFIG = VAEConfig(dim=32, dec_dim=32, z_dim=16, dim_mult=(1, 2, 4), num_res_blocks=1,
-                       temporal_downsample=(True, True))
+# 16x16) rather than Wan 2.1's 8x, because an object of 0.2 W is 13 pixels and must keep its shape. Its stages are
+# Wan 2.2's residual ones (a parameter-free shortcut around each down/up stage): rendered clips encoded and decoded
+# (48 single-object clips, 2400 steps, benchmarks/latent_space.py's measure) came back with every attribute right in
+# 75% against 48% for the same channels without the shortcuts, and 31% for twice the channels without them.
+VAE_CONFIG = VAEConfig(dim=16, dec_dim=16, z_dim=16, dim_mult=(1, 2, 2), num_res_blocks=1,
+                       temporal_downsample=(True, True), residual=True)
 TEXT_CONFIG = TextEncoderConfig(vocab_size=256, dim=128, dim_attn=128, dim_ffn=256, num_heads=4, num_layers=2,
                                 num_buckets=32, max_distance=64)
 DIT_CONFIG = DiTConfig(dim=192, ffn_dim=768, num_heads=3, num_layers=6, in_dim=16, out_dim=16,
@@ -68,37 +62,31 @@ class Budget:
     """Steps per stage: the shipped weights' recipe (what each stage takes on a 2-core CPU: the module's docstring).
     --smoke runs seconds.
 
-    The transformer is what the recipe is shortest of, so its steps and learning rate count most. On the same latents
-    and 72 prompts (two noise-seed sets): 9000 steps against 7000 took text-to-video motion from 31% to 54% (28% to
-    40%), all-attributes from 8% to 18% (6% to 10%) and image-to-video motion from 64% to 79% (53% to 74%); then a
-    peak learning rate of 1e-3 against 5e-4, both 9000 steps, motion from 54% to 69% (40% to 65%), all-attributes
-    from 18% to 25% (10% to 19%), image-to-video motion 79% to 81% (74% to 76%), and colour, size and shape up by 2 to
-    8 points."""
-    vae_steps: int = 1800
-    decoder_steps: int = 6000
-    sharpen_steps: int = 1000    # the decoder's last steps, on exact codes (see train_decoder)
+    The VAE trains on its exact codes: with the residual stages its latent space is smooth enough that the
+    transformer's imperfect codes decode right (rendered clips' object codes shrunk 20% towards the background:
+    still 100% colour and shape as without), and noise on the codes in training only cost sharpness. The transformer
+    is what the recipe is shortest of, so its steps and learning rate count most: with an earlier VAE, 9000 steps
+    against 7000 took text-to-video motion from 31% to 54% and image-to-video motion from 64% to 79%, and a peak
+    learning rate of 1e-3 against 5e-4 motion from 54% to 69%."""
+    vae_steps: int = 4000
     vae_batch: int = 12
     vae_crop: int = 32
     pool_clips: int = 4000
-    dit_steps: int = 9000
+    dit_steps: int = 7000
     dit_batch: int = 12          # clips a step; small batches, many steps: a CPU's samples go furthest that way
     image_batch: int = 24        # first frames a step, trained as 1-frame videos (Wan's image-video joint training)
-    lr_vae: float = 6e-4
-    lr_decoder: float = 3e-4
-    lr_sharpen: float = 2e-4
+    lr_vae: float = 1e-3
     lr_dit: float = 1e-3
-    i2v_share: float = 0.3       # share of training clips with a pinned clean first frame
+    i2v_share: float = 0.5       # share of training clips with a pinned clean first frame (generate's default path)
     forcing_share: float = 0.3   # share with a noise level of its own on every latent frame (see _flow_loss)
     uncond_share: float = 0.1    # share trained with an empty prompt, for classifier-free guidance
     vae_anchor: float = 0.02     # weight of _anchor_loss: each latent frame coded like the picture it ends on
-    latent_noise: float = 0.3    # std of the noise on the latent the decoder trains on (raw latent units)
-    latent_shrink: float = 0.4   # ... and its object codes shrunk by up to this share (see _like_a_sampler)
     object_weight: float = 4.0   # extra loss weight on the latent positions of objects (see _latent_object_weight)
     ema: float = 0.999
     stats_clips: int = 64        # clips whose latents give the per-channel mean and std
 
 
-SMOKE = Budget(vae_steps=3, decoder_steps=2, sharpen_steps=1, vae_batch=2, pool_clips=8, dit_steps=3, dit_batch=4,
+SMOKE = Budget(vae_steps=3, vae_batch=2, pool_clips=8, dit_steps=3, dit_batch=4,
                image_batch=4, stats_clips=4)
 
 SIZE, FRAMES = 64, 17
@@ -166,45 +154,17 @@ def _object_weight(video: torch.Tensor) -> torch.Tensor:
 
 
 def train_vae(work: Path, budget: Budget, seed: int, device: torch.device, progress) -> WanVAE:
-    """Stage 1: encoder and decoder together, on 1-, 5- and 9-frame clips (mostly crops around objects)."""
+    """Stage 1: encoder and decoder together, on clips of 1 to 17 frames (mostly crops around objects), by
+    object-weighted L1 + L2, a small latent penalty and the anchor loss."""
     torch.manual_seed(seed)
     vae = WanVAE(VAE_CONFIG).to(device)
+    params = list(vae.parameters())
     # Single frames, and clips of two to five chunks: later chunks read the causal cache of an earlier chunk
     # that was itself not the first, which a 5-frame clip never shows; whole 17-frame clips keep the last
     # chunks from drifting.
-    frames = ((1, 0.1), (5, 0.4), (9, 0.3), (17, 0.2))
-    return _fit_autoencoder(Stage(work, "vae"), vae, list(vae.parameters()), budget.vae_steps, budget.lr_vae,
-                            frames, budget, np.random.default_rng(seed), device, progress)
-
-
-def train_decoder(work: Path, vae: WanVAE, budget: Budget, seed: int, device: torch.device, progress) -> WanVAE:
-    """Stage 2: the decoder alone, the encoder frozen, on longer clips. The latent space no longer moves, so the
-    transformer stages can run at the same time (main() runs this one in a second process).
-
-    It first decodes the codes shrunk and noisy as in the VAE stage (a decoder that has seen them reads a sampler's
-    imperfect codes right), then, for `sharpen_steps` on a schedule of their own, the encoder's exact codes: no longer
-    guessing through the noise, it draws sharper shapes, from generated latents too. Measured with one transformer
-    (9000-step model; `evaluate-builtin` at its defaults, 200/100/100 prompts), against the 6000 noisy steps alone:
-    colour 93% vs 85%, size 92% vs 83%, shape 47% vs 41%, motion 86% vs 80%, all attributes 38% vs 26%,
-    image-to-video motion 94% vs 87%. Exact codes from the start lose the robustness instead (72 prompts: colour
-    83% against 92%, size 82% against 89%)."""
-    vae = copy.deepcopy(vae)
-    vae.encoder.requires_grad_(False)
-    vae.conv1.requires_grad_(False)
-    params = list(vae.decoder.parameters()) + list(vae.conv2.parameters())
-    frames = ((5, 0.3), (9, 0.4), (17, 0.3))
-    return _fit_autoencoder(Stage(work, "decoder"), vae, params, budget.decoder_steps, budget.lr_decoder, frames,
-                            budget, np.random.default_rng(seed + 5), device, progress, frozen_encoder=True,
-                            sharpen_steps=budget.sharpen_steps, sharpen_lr=budget.lr_sharpen)
-
-
-def _fit_autoencoder(stage: Stage, vae: WanVAE, params: list, steps: int, peak_lr: float, frames, budget: Budget,
-                     rng: np.random.Generator, device, progress, frozen_encoder: bool = False, sharpen_steps: int = 0,
-                     sharpen_lr: float = 0.0) -> WanVAE:
-    """Reconstruction training: object-weighted L1 + L2 and a small latent penalty, the decoder reading the codes
-    shrunk and noisy as a sampler leaves them; then `sharpen_steps` more on the exact codes, the learning rate
-    warming up again to `sharpen_lr` (see train_decoder)."""
-    opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=1e-4, betas=(0.9, 0.99))
+    counts, weights = (1, 5, 9, 17), (0.1, 0.4, 0.3, 0.2)
+    stage, rng = Stage(work, "vae"), np.random.default_rng(seed)
+    opt = torch.optim.AdamW(params, lr=budget.lr_vae, weight_decay=1e-4, betas=(0.9, 0.99))
     step = 0
     state = stage.load()
     if state is not None:
@@ -214,17 +174,9 @@ def _fit_autoencoder(stage: Stage, vae: WanVAE, params: list, steps: int, peak_l
         if stage.done:
             return vae.eval()
     vae.train()
-    if frozen_encoder:
-        vae.encoder.eval()
-    counts, weights = zip(*frames)
-    total = steps + sharpen_steps
-    last_save, bar = time.time(), progress(total, stage.name, step)
-    while step < total:
-        exact = step >= steps
-        if exact:
-            lr = _cosine(step - steps, sharpen_steps, sharpen_lr, warmup=50)
-        else:
-            lr = _cosine(step, steps, peak_lr, warmup=100)
+    last_save, bar = time.time(), progress(budget.vae_steps, stage.name, step)
+    while step < budget.vae_steps:
+        lr = _cosine(step, budget.vae_steps, budget.lr_vae, warmup=100)
         for g in opt.param_groups:
             g["lr"] = lr
         t = int(rng.choice(counts, p=weights))
@@ -235,19 +187,11 @@ def _fit_autoencoder(stage: Stage, vae: WanVAE, params: list, steps: int, peak_l
         video, _ = _clips(rng, batch, t, crop=None if whole else budget.vae_crop)
         video = video.to(device)
         with _autocast(device):
-            with torch.set_grad_enabled(not frozen_encoder):
-                mu = vae.encode(video)
-            z = mu.float()
-            if not exact:
-                # Noise on the latent keeps the decoder tolerant of the small errors a sampler leaves. Its size is
-                # fixed: codes cannot shrink below it without losing the picture (the anchor loss would otherwise
-                # shrink them to one constant), and the small latent penalty keeps them from outgrowing it.
-                z = _like_a_sampler(z, budget.latent_shrink, rng)
-                z = z + budget.latent_noise * torch.randn_like(z)
-            recon = vae.decode(z, clamp=False).float()
+            mu = vae.encode(video)
+            recon = vae.decode(mu, clamp=False).float()
         w = _object_weight(video)
         loss = (w * (recon - video).abs()).mean() + (w * (recon - video) ** 2).mean() + 1e-4 * mu.float().pow(2).mean()
-        if not frozen_encoder and budget.vae_anchor > 0 and mu.shape[2] > 1:
+        if budget.vae_anchor > 0 and mu.shape[2] > 1:
             loss = loss + budget.vae_anchor * _anchor_loss(vae, video, mu)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -257,10 +201,10 @@ def _fit_autoencoder(stage: Stage, vae: WanVAE, params: list, steps: int, peak_l
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
         if step % 100 == 0:
-            log.info("%s step %d loss %.5f", stage.name, step, loss.item())
-        if time.time() - last_save > 180 or step in (steps, total):
+            log.info("vae step %d loss %.5f", step, loss.item())
+        if time.time() - last_save > 180 or step == budget.vae_steps:
             stage.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "rng": rng},
-                       done=step == total)
+                       done=step == budget.vae_steps)
             last_save = time.time()
     bar.close()
     return vae.eval()
@@ -270,32 +214,6 @@ def _background_code(latent: torch.Tensor) -> torch.Tensor:
     """Each latent frame's background code [B, z, T, 1, 1] of latents [B, z, T, H, W]: its per-channel median over
     positions (objects cover a few of them)."""
     return latent.flatten(3).median(dim=3).values[..., None, None]
-
-
-def _like_a_sampler(mu: torch.Tensor, shrink: float, rng: np.random.Generator) -> torch.Tensor:
-    """The latents [B, z, T, H, W] as a sampler leaves them: each frame's objects drawn towards the background code
-    by up to `shrink` of their size, and some frames softened by a small spatial blur.
-
-    Why: a transformer unsure of an object's exact code predicts an average of the codes it thinks likely, which is
-    a smaller, smoother code than any one of them (measured: generated later frames at 60% of the ground truth's
-    code size). A latent space trained on exact codes only is brittle there: shrinking the object codes of rendered
-    clips by 20% took the decoded colour from 100% right to 65% (a red coded as a smaller yellow) and shape from
-    79% to 48%; a 3x3 blur took shape to 27%. Training the decoder alone on such codes does not help (the colours
-    are then ambiguous); training encoder and decoder on them makes the encoder code colours so that they survive.
-    """
-    if shrink <= 0:
-        return mu
-    b, _, t = mu.shape[:3]
-    background = _background_code(mu)
-    scale = torch.from_numpy(1 - shrink * rng.random((b, 1, t, 1, 1))).to(mu)
-    z = background + scale * (mu - background)
-    # A [1, 2, 1]^2 / 16 blur within each frame, channel by channel (a 1x3x3 kernel leaves the frames apart).
-    k = torch.tensor([1.0, 2.0, 1.0], device=mu.device)
-    k = (k[:, None] * k[None, :] / 16).expand(mu.shape[1], 1, 1, 3, 3).to(z)
-    # .to(z): under the training's autocast the convolution returns bfloat16.
-    soft = F.conv3d(F.pad(z, (1, 1, 1, 1, 0, 0), mode="replicate"), k, groups=mu.shape[1]).to(z)
-    mix = torch.from_numpy(0.5 * rng.random((b, 1, t, 1, 1)) * (rng.random((b, 1, t, 1, 1)) < 0.5)).to(mu)
-    return torch.lerp(z, soft, mix)
 
 
 def _anchor_loss(vae: WanVAE, video: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
@@ -387,29 +305,15 @@ def encode_pool(work: Path, vae: WanVAE, budget: Budget, seed: int, device, prog
     return state
 
 
-def _latest(stage: Stage, vae: WanVAE) -> WanVAE:
-    """The VAE with the decoder stage's weights when that stage has a checkpoint (finished or not)."""
-    state = stage.load()
-    if state is None:
-        return vae
-    out = copy.deepcopy(vae)
-    out.load_state_dict(state["model"])
-    if not stage.done:
-        log.warning("exporting the decoder of an unfinished decoder stage (step %d)", state["step"])
-    return out.eval()
-
-
 def _pool_scene(seed: int, i: int):
     rng = np.random.default_rng([seed, i])
     return world.sample_scene(rng, 1 if rng.random() < 0.55 else 2)
 
 
 def train_transformer(work: Path, pool: dict, spiece: bytes, budget: Budget, seed: int, device, progress,
-                      each_step=lambda: None, first_half_only: bool = False):
+                      first_half_only: bool = False):
     """Stage 4. The schedule's two halves are the stages transformer-1 and transformer-2, each under 90 minutes on
-    a 2-core CPU: a checkpoint and a log line mark the half-way step, where `first_half_only` stops. `each_step`
-    is called after every optimiser step (main() widens the thread count there once the decoder process beside it
-    has finished)."""
+    a 2-core CPU: a checkpoint and a log line mark the half-way step, where `first_half_only` stops."""
     stage = Stage(work, "transformer")
     torch.manual_seed(seed + 2)
     tokenizer = Tokenizer.from_bytes(spiece)
@@ -469,7 +373,6 @@ def train_transformer(work: Path, pool: dict, spiece: bytes, budget: Budget, see
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
-        each_step()
         if step % 100 == 0:
             log.info("transformer step %d loss %.5f", step, loss.item())
         if time.time() - last_save > 180 or step in (half, end):
@@ -569,43 +472,8 @@ def export(out: Path, vae: WanVAE, dit: WanModel, text_encoder: TextEncoder, te_
     save_file(te_sd, str(out / builtin.TEXT_ENCODER.name), metadata=config_metadata(te_config, "builtin", name))
 
 
-class _DecoderBeside:
-    """The decoder stage in a second process on one core while this one trains the transformer on one; when it
-    ends, this process takes every core back. Its messages go to the same train.log."""
-
-    def __init__(self, work: Path, args, overrides: dict):
-        self.threads = torch.get_num_threads()
-        cmd = [sys.executable, "-m", f"{__package__}.train", "--work", str(work), "--seed", str(args.seed),
-               "--only", "decoder", "--threads", "1", "--quiet"] + (["--smoke"] if args.smoke else [])
-        for f, v in overrides.items():
-            cmd += ["--" + f.replace("_", "-"), str(v)]
-        self.errors = work / "decoder-process.txt"
-        with open(self.errors, "w") as err:
-            self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-        torch.set_num_threads(1)
-        log.info("decoder stage started beside the transformer (process %d)", self.process.pid)
-
-    def poll(self):
-        if self.threads and self.process.poll() is not None:
-            torch.set_num_threads(self.threads)
-            self.threads = 0
-            log.info("decoder process ended (exit %d); the transformer now uses every core", self.process.returncode)
-
-    def wait(self):
-        self.process.wait()
-        if self.process.returncode:
-            log.warning("the decoder process failed (exit %d); running the decoder stage here instead:\n%s",
-                        self.process.returncode, self.errors.read_text()[-2000:])
-        self.poll()
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait()
-
-
 # Budget fields the command line may override (--vae-steps etc.).
-_BUDGET_FLAGS = ("vae_steps", "decoder_steps", "dit_steps", "pool_clips", "dit_batch", "image_batch", "vae_batch")
+_BUDGET_FLAGS = ("vae_steps", "dit_steps", "pool_clips", "dit_batch", "image_batch", "vae_batch")
 
 
 def main(argv=None) -> int:
@@ -618,12 +486,11 @@ def main(argv=None) -> int:
         ap.add_argument("--" + f.replace("_", "-"), type=int, default=None)
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads (default: all cores; 1 is faster when other programs share the cores)")
-    ap.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)   # no progress bars (the process beside)
-    ap.add_argument("--only", choices=("vae", "decoder", "transformer", "transformer-1", "transformer-2", "export"),
+    ap.add_argument("--only", choices=("vae", "transformer", "transformer-1", "transformer-2", "export"),
                     default=None,
-                    help="run one stage (the VAE's first when it is not done; 'decoder' and 'transformer' are "
-                         "independent of each other; 'transformer-1' is the first half of the transformer's steps, "
-                         "'transformer-2' the rest); 'export' writes the files from the stages' checkpoints")
+                    help="run one stage (the VAE's first when it is not done; 'transformer-1' is the first half of "
+                         "the transformer's steps, 'transformer-2' the rest); 'export' writes the files from the "
+                         "stages' checkpoints")
     args = ap.parse_args(argv)
     budget = SMOKE if args.smoke else Budget()
     overrides = {f: getattr(args, f) for f in _BUDGET_FLAGS if getattr(args, f) is not None}
@@ -643,36 +510,21 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     def progress(total, name, initial):
-        return tqdm(total=total, initial=initial, desc=name, dynamic_ncols=True, disable=args.smoke or args.quiet)
+        return tqdm(total=total, initial=initial, desc=name, dynamic_ncols=True, disable=args.smoke)
 
     t0 = time.time()
     only = args.only
     vae = train_vae(work, budget, args.seed, device, progress)
     attach_latent_stats(vae, args.seed, device, budget.stats_clips)
     log.info("vae done at %.1f min", (time.time() - t0) / 60)
-    beside = None
-    if only is None and device.type == "cpu" and torch.get_num_threads() >= 2 and not Stage(work, "decoder").done:
-        beside = _DecoderBeside(work, args, overrides)
-    try:
-        if only in (None, "transformer", "transformer-1", "transformer-2", "export"):
-            spiece = train_tokenizer(work, args.seed, TEXT_CONFIG.vocab_size)
-            pool = encode_pool(work, vae, budget, args.seed, device, progress) if only != "export" else None
-            log.info("latent pool done at %.1f min", (time.time() - t0) / 60)
-            dit, text_encoder, te_config = train_transformer(work, pool, spiece, budget, args.seed, device, progress,
-                                                             each_step=beside.poll if beside else lambda: None,
-                                                             first_half_only=only == "transformer-1")
-        if beside:
-            beside.wait()
-    finally:
-        if beside:
-            beside.stop()
-    if only in (None, "decoder"):
-        # After a process beside, this returns at once (the stage is done) or, if that process failed, finishes it.
-        train_decoder(work, vae, budget, args.seed, device, progress)
-        log.info("decoder done at %.1f min", (time.time() - t0) / 60)
+    if only in (None, "transformer", "transformer-1", "transformer-2", "export"):
+        spiece = train_tokenizer(work, args.seed, TEXT_CONFIG.vocab_size)
+        pool = encode_pool(work, vae, budget, args.seed, device, progress) if only != "export" else None
+        log.info("latent pool done at %.1f min", (time.time() - t0) / 60)
+        dit, text_encoder, te_config = train_transformer(work, pool, spiece, budget, args.seed, device, progress,
+                                                         first_half_only=only == "transformer-1")
     if only in (None, "export"):
-        decoded = _latest(Stage(work, "decoder"), vae)
-        export(Path(args.out), decoded, dit, text_encoder, te_config, spiece)
+        export(Path(args.out), vae, dit, text_encoder, te_config, spiece)
         log.info("exported to %s after %.1f min", args.out, (time.time() - t0) / 60)
         print(f"wrote the built-in model to {args.out} in {(time.time() - t0) / 60:.1f} min")
     return 0
