@@ -13,8 +13,8 @@ Stages, each resumable (a checkpoint every few minutes; a finished stage is skip
 
 Everything is seeded. One command runs them all:
     zoetrope train-builtin --work builtin-training
-On a 2-core CPU with AVX-512, which computes in bf16: VAE ~37 min (0.55 s a step on 2 threads), latent pool ~3 min,
-transformer ~120 min (1.0 s a step; its halves ~60 each); about 2 h 40 min in all. A CPU with AVX2 only computes in
+On a 2-core CPU with AVX-512, which computes in bf16: VAE ~45 min (0.55-0.75 s a step on 2 threads), latent pool
+~3 min, transformer ~110 min (1.0-1.2 s a step; its halves ~55 each); about 2 h 40 min in all. A CPU with AVX2 only computes in
 fp32 and takes several times as long. `--only STAGE` runs one stage. A GPU, when present, is used and takes minutes.
 """
 from __future__ import annotations
@@ -72,7 +72,7 @@ class Budget:
     vae_batch: int = 12
     vae_crop: int = 32
     pool_clips: int = 4000
-    dit_steps: int = 7000
+    dit_steps: int = 6000
     dit_batch: int = 12          # clips a step; small batches, many steps: a CPU's samples go furthest that way
     image_batch: int = 24        # first frames a step, trained as 1-frame videos (Wan's image-video joint training)
     lr_vae: float = 1e-3
