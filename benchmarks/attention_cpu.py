@@ -1,5 +1,5 @@
 """Attention on a CPU: PyTorch's fused kernel against two matrix products and a softmax (pipeline.dit.attention
-picks the second below dit.SMALL_ATTENTION score entries).
+picks the second in bf16 below dit.SMALL_ATTENTION score entries).
 
 For each shape, the median of --runs calls after one warm-up, forward alone and forward + backward, both ways timed
 in this process, and the ratio fused / explicit (above 1: the explicit form is faster). The shapes are the built-in
@@ -20,18 +20,13 @@ import time
 import torch
 import torch.nn.functional as F
 
+from zoetrope.pipeline.dit import explicit_attention
+
 # (batch, heads, query length, key length): self-attention of clips and pictures, cross-attention to 48 text tokens
 SHAPES = ((12, 3, 320, 320), (24, 3, 64, 64), (12, 3, 320, 48), (32, 3, 320, 320), (2, 3, 1280, 1280),
           (2, 3, 2560, 2560), (2, 12, 1500, 1500), (2, 12, 4096, 4096))
 
 
-def fused(q, k, v):
-    return F.scaled_dot_product_attention(q, k, v)
-
-
-def explicit(q, k, v):
-    scores = torch.matmul(q, k.transpose(-1, -2) * q.shape[-1] ** -0.5)
-    return torch.matmul(scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype), v)
 
 
 def timed(fn, shape, dtype, backward: bool, runs: int) -> float:
@@ -67,8 +62,8 @@ def main() -> None:
         for shape in SHAPES:
             entries = shape[0] * shape[1] * shape[2] * shape[3]
             for backward in (False, True):
-                a = timed(fused, shape, dtype, backward, args.runs)
-                b = timed(explicit, shape, dtype, backward, args.runs)
+                a = timed(F.scaled_dot_product_attention, shape, dtype, backward, args.runs)
+                b = timed(explicit_attention, shape, dtype, backward, args.runs)
                 print(f"{name:<9}{str(shape):<26}{entries:>10}{'fwd+bwd' if backward else 'fwd':>10}"
                       f"{1e3 * a:>9.1f}{1e3 * b:>10.1f}{a / b:>7.2f}")
 

@@ -73,8 +73,10 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 
 # In bf16 on a CPU (training under autocast), attention whose score matrix holds at most this many entries is
-# computed as two matrix products and a softmax instead of PyTorch's fused kernel, which is 1.7 to 4 times slower
-# there for short sequences (benchmarks/attention_cpu.py; a built-in transformer training step 1.20 s -> 1.01 s).
+# computed as two matrix products and a softmax instead of PyTorch's fused kernel. benchmarks/attention_cpu.py, 2
+# threads: the fused kernel is 1.6-3 times slower for short keys (a picture's 64 tokens, 48 text tokens) and faster
+# for a 320-token clip alone (explicit 0.5x forward, 0.86x forward + backward); a whole built-in training step went
+# from 1.20 s to 1.01 s (choosing by key length <= 64 instead measured the same within this machine's noise).
 # In fp32 the fused kernel is as fast or faster, so sampling keeps it.
 SMALL_ATTENTION = 1 << 22
 
@@ -84,11 +86,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)             # [B, n, L, d]
     if (q.device.type == "cpu" and q.dtype == torch.bfloat16
             and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= SMALL_ATTENTION):
-        scores = torch.matmul(q, k.transpose(-1, -2) * q.shape[-1] ** -0.5)      # [B, n, Lq, Lk]
-        out = torch.matmul(scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype), v)
+        out = explicit_attention(q, k, v)
     else:
         out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).flatten(2)                                      # [B, Lq, n*d]
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v as two matrix products, the softmax in float32; q [B, n, Lq, d], k/v [B, n, Lk, d]."""
+    scores = torch.matmul(q, k.transpose(-1, -2) * q.shape[-1] ** -0.5)          # [B, n, Lq, Lk]
+    return torch.matmul(scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype), v)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

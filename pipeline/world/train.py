@@ -13,9 +13,10 @@ Stages, each resumable (a checkpoint every few minutes; a finished stage is skip
 
 Everything is seeded. One command runs them all:
     zoetrope train-builtin --work builtin-training
-On a 2-core CPU with AVX-512, which computes in bf16: VAE ~45 min (0.55-0.75 s a step on 2 threads), latent pool
-~3 min, transformer ~110 min (1.0-1.2 s a step; its halves ~55 each); about 2 h 40 min in all. A CPU with AVX2 only computes in
-fp32 and takes several times as long. `--only STAGE` runs one stage. A GPU, when present, is used and takes minutes.
+Measured on a 2-core CPU with AVX-512, which computes in bf16: VAE 41.5 min (0.5-0.75 s a step on 2 threads), latent
+pool 2.4 min, transformer 109.5 min (1.0-1.2 s a step; its halves 55 and 54.5); 2 h 33 min in all. A CPU with AVX2
+only computes in fp32 and takes several times as long. `--only STAGE` runs one stage. A GPU, when present, is used
+and takes minutes.
 """
 from __future__ import annotations
 
@@ -312,7 +313,7 @@ def _pool_scene(seed: int, i: int):
 
 def train_transformer(work: Path, pool: dict, spiece: bytes, budget: Budget, seed: int, device, progress,
                       first_half_only: bool = False):
-    """Stage 4. The schedule's two halves are the stages transformer-1 and transformer-2, each under 90 minutes on
+    """Stage 3. The schedule's two halves are the stages transformer-1 and transformer-2, each under 90 minutes on
     a 2-core CPU: a checkpoint and a log line mark the half-way step, where `first_half_only` stops."""
     stage = Stage(work, "transformer")
     torch.manual_seed(seed + 2)
@@ -517,7 +518,7 @@ def main(argv=None) -> int:
     vae = train_vae(work, budget, args.seed, device, progress)
     attach_latent_stats(vae, args.seed, device, budget.stats_clips)
     log.info("vae done at %.1f min", (time.time() - t0) / 60)
-    if only in (None, "transformer", "transformer-1", "transformer-2", "export"):
+    if only != "vae":
         spiece = train_tokenizer(work, args.seed, TEXT_CONFIG.vocab_size)
         pool = encode_pool(work, vae, budget, args.seed, device, progress) if only != "export" else None
         log.info("latent pool done at %.1f min", (time.time() - t0) / 60)
