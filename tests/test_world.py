@@ -236,6 +236,7 @@ def test_ground_truth_scores_correct(size, count):
         assert result["correct"], (prompt(scene), result)
         results.append(result)
     summary = summarise(results)
+    assert summary.pop("single_motion_reversed") == 0.0
     assert all(v == 1.0 for k, v in summary.items() if not k.startswith("n_")), summary
     assert summary["n_single"] + summary["n_two"] + summary["n_i2v"] == count
 
@@ -300,12 +301,13 @@ def test_wrong_clips_score_wrong():
         wrong(altered(scene, rng, k, size=({"small", "large"} - {obj.size}).pop()), "size")
         checked["size"] += 1
         if obj.motion in opposite:
-            wrong(altered(scene, rng, k, motion=opposite[obj.motion]), "motion")
-            wrong(altered(scene, rng, k, motion="standing still"), "motion")
+            assert wrong(altered(scene, rng, k, motion=opposite[obj.motion]), "motion")["objects"][k]["reversed"]
+            assert not wrong(altered(scene, rng, k, motion="standing still"), "motion")["objects"][k]["reversed"]
             checked["motion"] += 1
             checked["still"] += 1
         else:
-            wrong(altered(scene, rng, k, motion=str(rng.choice(list(opposite)))), "motion")
+            moved = wrong(altered(scene, rng, k, motion=str(rng.choice(list(opposite)))), "motion")
+            assert not moved["objects"][k]["reversed"]
             checked["moving"] += 1
         background = ({"black", "gray", "white"} - {scene.background}).pop()
         assert not wrong(render(replace(scene, background=background)), "background")["background"]
@@ -366,6 +368,7 @@ def test_summarise_counts_by_kind():
     assert summary["single_shape"] == 0.75 and summary["single_all"] == 0.75
     assert summary["single_colour"] == summary["single_motion"] == summary["single_background"] == 1.0
     assert summary["two_all"] == 0.5 and summary["i2v_motion"] == 0.5
+    assert summary["single_motion_reversed"] == 0.0
 
 
 def test_analyse_rejects_wrong_input():

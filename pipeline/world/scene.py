@@ -68,6 +68,9 @@ class ObjectSpec:
     # Centre of the bounding box in the first frame, (x, y) as fractions of W; None where only the words are known
     # (a parsed prompt).
     start: tuple[float, float] | None = None
+    # How far the centre travels over the clip, in W. The world's clips all travel TRAVEL; the training's
+    # free-start clips (world.train) travel less, as far as the frame leaves room for.
+    travel: float = TRAVEL
 
     @property
     def side(self) -> float:
@@ -79,7 +82,7 @@ class ObjectSpec:
             raise ValueError(f"{self} has no start position; place it first with place_objects(rng, scene)")
         dx, dy = MOTIONS[self.motion]
         p = np.asarray(progress, dtype=np.float64)
-        return self.start[0] + dx * TRAVEL * p, self.start[1] + dy * TRAVEL * p
+        return self.start[0] + dx * self.travel * p, self.start[1] + dy * self.travel * p
 
 
 @dataclass(frozen=True)
