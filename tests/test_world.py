@@ -116,6 +116,26 @@ def test_objects_inside_every_frame_and_never_overlapping():
             assert not (masks[0] & masks[1]).any(), scene
 
 
+
+def test_placement_keeps_an_objects_own_travel_inside_the_frame():
+    # The world's objects all travel 0.45 W; one told to travel less may start nearer the edge it moves towards,
+    # and is still placed inside the frame for the whole clip and clear of a second object.
+    rng = np.random.default_rng(3)
+    short = ObjectSpec("red", "square", "small", "moving right", travel=0.2)
+    other = ObjectSpec("blue", "circle", "large", "moving left")
+    starts = []
+    for _ in range(200):
+        scene = place_objects(rng, Scene("black", (short, other)))
+        a, b = scene.objects
+        for t in np.linspace(0, 1, 33):
+            (ax, ay), (bx, by) = a.centre(t), b.centre(t)
+            assert 0.1 - 1e-9 <= ax <= 0.9 + 1e-9 and 0.1 - 1e-9 <= ay <= 0.9 + 1e-9
+            gap = max(abs(ax - bx), abs(ay - by)) - (a.side + b.side) / 2
+            assert gap >= 0.04 - 1e-9, scene
+        starts.append(a.start[0])
+    # A small object travelling 0.45 W right starts at x <= 0.45; travelling 0.2 W, up to 0.7.
+    assert max(starts) > 0.55
+
 def test_frame_count_and_determinism():
     scene = sample_scene(np.random.default_rng(3), 2)
     frames = render(scene)

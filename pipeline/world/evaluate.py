@@ -286,7 +286,8 @@ def score(frames: np.ndarray, prompt: str, image_to_video: bool = False) -> dict
             "motion": present and match.motion == spec.motion,
             # Moving, but the opposite way: the mistake a model makes when it reads the direction off where the
             # object starts rather than off the prompt (see summarise's single_motion_reversed).
-            "reversed": present and _opposite(match.motion) == spec.motion,
+            "reversed": present and spec.motion != "standing still"
+                        and MOTIONS[match.motion] == tuple(-d for d in MOTIONS[spec.motion]),
             "detected": match,
         })
     # Share of frames each unclaimed region is seen in: other colours' tracks, and second regions of named ones.
@@ -307,18 +308,13 @@ def score(frames: np.ndarray, prompt: str, image_to_video: bool = False) -> dict
     }
 
 
-def _opposite(motion: str) -> str | None:
-    dx, dy = MOTIONS[motion]
-    return next((m for m, d in MOTIONS.items() if d == (-dx, -dy)), None) if dx or dy else None
-
-
 def summarise(scores: list[dict]) -> dict:
     """Accuracies (share of clips, None where no clip qualifies) over scores from score().
 
     single_*: text-to-video clips with one object, per attribute (an attribute counts as right only for a present
     object) and `single_all` (the whole clip correct); single_motion_reversed: one-object clips whose object moves
-    the opposite way to the prompt (a share of all of them, like single_motion); two_all: two-object clips correct; i2v_motion:
-    image-to-video clips whose every object moves as prompted.
+    the opposite way to the prompt (a share of all of them, like single_motion); two_all: two-object clips correct;
+    i2v_motion: image-to-video clips whose every object moves as prompted.
     """
     def share(flags):
         flags = list(flags)

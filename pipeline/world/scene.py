@@ -104,13 +104,14 @@ def _check_words(scene: Scene) -> None:
         raise ValueError(f"two objects share the colour in {colours}; in the Shapes World their colours differ")
 
 
-def _start_range(side: float, direction: int) -> tuple[float, float]:
-    """Interval of start-centre coordinates along one axis that keeps the box inside [0, 1] for the whole clip."""
+def start_range(side: float, direction: int, travel: float = TRAVEL) -> tuple[float, float]:
+    """Interval of start-centre coordinates along one axis that keeps a box of `side` inside [0, 1] for the whole
+    clip while its centre travels `travel` in `direction` (-1, 0 or 1) along that axis."""
     lo, hi = side / 2, 1 - side / 2
     if direction > 0:
-        hi -= TRAVEL
+        hi -= travel
     elif direction < 0:
-        lo += TRAVEL
+        lo += travel
     return lo, hi
 
 
@@ -132,7 +133,7 @@ def _boxes_meet(a: ObjectSpec, b: ObjectSpec, a_start: np.ndarray, b_start: np.n
     of the clip (checked in continuous time, so at any frame count)."""
     reach = (a.side + b.side) / 2 + MIN_GAP
     offset = a_start - b_start                                              # [N, 2] at t = 0
-    drift = TRAVEL * (np.array(MOTIONS[a.motion]) - np.array(MOTIONS[b.motion]))
+    drift = a.travel * np.array(MOTIONS[a.motion]) - b.travel * np.array(MOTIONS[b.motion])
     x_lo, x_hi = _overlap_interval(offset[:, 0], offset[:, 0] + drift[0], reach)
     y_lo, y_hi = _overlap_interval(offset[:, 1], offset[:, 1] + drift[1], reach)
     # The boxes meet where they overlap on both axes at the same time.
@@ -152,7 +153,7 @@ def place_objects(rng, scene: Scene, batch: int = 4096, max_batches: int = 100) 
         starts = []
         for obj in scene.objects:
             dx, dy = MOTIONS[obj.motion]
-            (x0, x1), (y0, y1) = _start_range(obj.side, dx), _start_range(obj.side, dy)
+            (x0, x1), (y0, y1) = start_range(obj.side, dx, obj.travel), start_range(obj.side, dy, obj.travel)
             starts.append(np.stack([rng.uniform(x0, x1, batch), rng.uniform(y0, y1, batch)], axis=1))  # [N, 2]
         valid = np.ones(batch, dtype=bool)
         for i, a in enumerate(scene.objects):

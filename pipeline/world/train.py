@@ -334,11 +334,12 @@ def _free_start(rng, scene):
     dx, dy = world.MOTIONS[obj.motion]
     if dx == dy == 0:
         return scene
-    lo, hi = obj.side / 2, 1 - obj.side / 2
-    # Along the motion: a start leaving at least MIN_ROOM before the edge it moves towards; across: anywhere.
-    along = rng.uniform(lo, hi - MIN_ROOM) if dx + dy > 0 else rng.uniform(lo + MIN_ROOM, hi)
+    direction = dx + dy                                     # +1 towards the right or bottom edge, -1 the other way
+    # Along the motion: any start with at least MIN_ROOM of travel left; across it: anywhere in the frame.
+    lo, hi = world.start_range(obj.side, 0)
+    along = rng.uniform(*world.start_range(obj.side, direction, MIN_ROOM))
     across = rng.uniform(lo, hi)
-    room = hi - along if dx + dy > 0 else along - lo
+    room = hi - along if direction > 0 else along - lo
     start = (along, across) if dx else (across, along)
     return replace(scene, objects=(replace(obj, start=start, travel=min(world.TRAVEL, room)),))
 
