@@ -11,6 +11,10 @@ what decides the next change to its training:
   along it (the world moves 0.45 W; for `still`, how far it drifts) and how often the evaluator calls the motion
   right. The world is deterministic given its first frame and its prompt, so a perfect transformer scores 0.45 (no
   drift) and 100% at every level, pure noise included; where it falls short is where sampling loses the motion.
+- directions: text-to-video as `zoetrope generate` makes it (default settings), each scene twice from the same
+  noise, once moving one way and once the opposite way. A transformer that reads the direction from the words sends
+  the two clips opposite ways; one that reads it from where it happened to draw the object sends both the same way
+  (in the world a moving object starts on the side it leaves, so position alone predicts the direction there).
 
     python benchmarks/transformer_probe.py                        # the model in pipeline/builtin
     python benchmarks/transformer_probe.py --folder EXPORT --clips 48
@@ -97,6 +101,24 @@ def image_to_video(dit, vae, te, x0, scenes, levels, seed: int) -> None:
         print(f"  noise {sigma:.2f}: {cells}")
 
 
+@torch.no_grad()
+def directions(dit, vae, te, scenes, seed: int) -> None:
+    from zoetrope.pipeline.world import report
+    settings = {k: builtin.DEFAULTS[k] for k in ("steps", "cfg", "shift", "solver")}
+    print("directions: text to video, each scene from the same noise with the prompt's direction and its opposite")
+    for one, other in (("moving right", "moving left"), ("moving down", "moving up")):
+        pair = [[world.prompt(dataclasses.replace(s, objects=(dataclasses.replace(s.objects[0], motion=m),)))
+                 for s in scenes] for m in (one, other)]
+        clips = [report.generate_clips(dit, vae, te, prompts, None, seed=seed, image_first=True, **settings)
+                 for prompts in pair]
+        verdicts = [[evaluate.score(c, p)["objects"][0] for c, p in zip(cs, ps)] for cs, ps in zip(clips, pair)]
+        both = np.mean([a["motion"] and b["motion"] for a, b in zip(*verdicts)])
+        seen = [(a["detected"], b["detected"]) for a, b in zip(*verdicts)]
+        same = np.mean([a is not None and b is not None and a.motion == b.motion != "standing still" for a, b in seen])
+        print(f"  {one.split()[-1]}/{other.split()[-1]}: both as the words say {both:4.0%}  "
+              f"both the same way {same:4.0%}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--folder", type=Path, default=builtin.FOLDER, help="the three files of a built-in model")
@@ -116,6 +138,7 @@ def main(argv=None) -> None:
     levels = [float(v) for v in args.levels.split(",")]
     word_use(dit, te, x0, scenes, levels, args.seed)
     image_to_video(dit, vae, te, x0, scenes, levels, args.seed)
+    directions(dit, vae, te, scenes, args.seed)
 
 
 if __name__ == "__main__":
