@@ -116,7 +116,6 @@ def test_objects_inside_every_frame_and_never_overlapping():
             assert not (masks[0] & masks[1]).any(), scene
 
 
-
 def test_placement_keeps_an_objects_own_travel_inside_the_frame():
     # The world's objects all travel 0.45 W; one told to travel less may start nearer the edge it moves towards,
     # and is still placed inside the frame for the whole clip and clear of a second object.
@@ -128,13 +127,16 @@ def test_placement_keeps_an_objects_own_travel_inside_the_frame():
         scene = place_objects(rng, Scene("black", (short, other)))
         a, b = scene.objects
         for t in np.linspace(0, 1, 33):
-            (ax, ay), (bx, by) = a.centre(t), b.centre(t)
-            assert 0.1 - 1e-9 <= ax <= 0.9 + 1e-9 and 0.1 - 1e-9 <= ay <= 0.9 + 1e-9
-            gap = max(abs(ax - bx), abs(ay - by)) - (a.side + b.side) / 2
+            centres = [np.array(o.centre(t)) for o in (a, b)]
+            for obj, c in zip((a, b), centres):      # each box inside the frame, by its own side
+                half = SPEC_SIDES[obj.size] / 2
+                assert (c >= half - 1e-9).all() and (c <= 1 - half + 1e-9).all(), (scene, t)
+            gap = np.abs(centres[0] - centres[1]).max() - (a.side + b.side) / 2
             assert gap >= 0.04 - 1e-9, scene
         starts.append(a.start[0])
     # A small object travelling 0.45 W right starts at x <= 0.45; travelling 0.2 W, up to 0.7.
     assert max(starts) > 0.55
+
 
 def test_frame_count_and_determinism():
     scene = sample_scene(np.random.default_rng(3), 2)
