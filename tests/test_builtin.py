@@ -201,7 +201,7 @@ def test_the_builtin_model_draws_the_first_frame_as_a_picture_and_animates_it(bu
     assert np.abs(plain[0, 0].astype(int) - alone[0].astype(int)).max() > 1
 
 
-def test_transformer_probe_reports_word_use_and_image_to_video_travel(builtin_model_dir, capsys, monkeypatch,
+def test_transformer_probe_reports_word_use_travel_and_picture_shapes(builtin_model_dir, capsys, monkeypatch,
                                                                      tmp_path):
     from pathlib import Path
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -212,5 +212,9 @@ def test_transformer_probe_reports_word_use_and_image_to_video_travel(builtin_mo
     travel = [line for line in out.splitlines() if line.strip().startswith("noise") and "/" in line]
     assert len(words) == 2 and all(a in words[0] for a in ("colour", "shape", "size", "motion"))
     assert len(travel) == 2
+    pictures = out.split("pictures:")[1].splitlines()[1:]
+    assert [line.split("  ")[1].strip() for line in pictures] == [
+        "VAE round trip", "one step from 0.50", "one step from 1.00", "drawn from noise"]
+    assert all("fill" in line and "%" in line for line in pictures)
     with pytest.raises(SystemExit, match="pass --folder"):
         transformer_probe.main(["--folder", str(tmp_path)])

@@ -74,7 +74,12 @@ class Budget:
     every clip (pairs too, each object travelling 0.15-0.45 W) with object_weight 8 took text-to-video motion to 41.5%
     (the prompt's way in half the moving clips: chance), image-to-video motion from 97% to 66% and all attributes
     right from 18% to 11% (size up from 90.5% to 97%). With no start to read the direction from, the transformer had
-    not learnt the motion words in 6000 steps either: swapping them changed its loss by under 1%."""
+    not learnt the motion words in 6000 steps either: swapping them changed its loss by under 1%. A peak learning
+    rate of 2e-3 against 1e-3 (nothing else changed) ran about 3% lower in training loss up to mid-run but took
+    text-to-video motion from 59% to 30.5%, image-to-video motion from 97% to 64% and all attributes right from 18%
+    to 7%. Shape is at chance (33%) in both: drawn pictures mostly come out round (the shipped recipe's: squares 21%
+    right, triangles 27%), although the VAE keeps every shape and the transformer's one-step estimate from noise 0.5
+    keeps 86% and 64% of them (benchmarks/transformer_probe.py, pictures): the shape is lost along the sampling path."""
     vae_steps: int = 4000
     vae_batch: int = 12
     vae_crop: int = 32
