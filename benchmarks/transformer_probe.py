@@ -39,6 +39,7 @@ from zoetrope.pipeline import builtin, generate, load_text_encoder, load_transfo
 from zoetrope.pipeline.world import evaluate, scene as world
 
 ATTRIBUTES = {"colour": world.COLOURS, "shape": world.SHAPES, "size": world.SIZES, "motion": world.MOTIONS}
+SETTINGS = {k: builtin.DEFAULTS[k] for k in ("steps", "cfg", "shift", "solver")}     # what `zoetrope generate` uses
 
 
 def load(folder: Path):
@@ -68,7 +69,7 @@ def word_use(dit, te, x0, scenes, levels, seed: int) -> None:
     print("words: loss with the clip's own prompt, and its rise with one attribute swapped")
     for sigma in levels:
         noise = torch.randn(x0.shape, generator=gen)
-        xt = (1 - sigma) * x0 + sigma * noise
+        xt = sampling.noise_latent(x0, noise, sigma)
         t = torch.full((len(scenes),), sigma * 1000)
         loss = {k: ((dit(xt, t, c) - (noise - x0)) ** 2).mean().item() for k, c in context.items()}
         rises = "  ".join(f"{a} {100 * (loss[a] / loss['own'] - 1):+5.1f}%" for a in ATTRIBUTES)
@@ -85,7 +86,7 @@ def image_to_video(dit, vae, te, x0, scenes, levels, seed: int) -> None:
     print("image-to-video, one step from each noise level: travel along the prompt's direction (0.45 W) / motion right")
     for sigma in levels:
         noise = torch.randn(x0.shape, generator=gen)
-        xt = (1 - sigma) * x0 + sigma * noise
+        xt = sampling.noise_latent(x0, noise, sigma)
         xt[:, :, :1] = x0[:, :, :1]
         estimate = xt - sigma * dit(xt, sampling.token_timesteps(sigma * 1000, mask, dit.config.patch_size), context)
         estimate[:, :, :1] = x0[:, :, :1]
@@ -109,12 +110,11 @@ def image_to_video(dit, vae, te, x0, scenes, levels, seed: int) -> None:
 @torch.no_grad()
 def directions(dit, vae, te, scenes, seed: int) -> None:
     from zoetrope.pipeline.world import report
-    settings = {k: builtin.DEFAULTS[k] for k in ("steps", "cfg", "shift", "solver")}
     print("directions: text to video, each scene from the same noise with the prompt's direction and its opposite")
     for one, other in (("moving right", "moving left"), ("moving down", "moving up")):
         pair = [[world.prompt(dataclasses.replace(s, objects=(dataclasses.replace(s.objects[0], motion=m),)))
                  for s in scenes] for m in (one, other)]
-        clips = [report.generate_clips(dit, vae, te, prompts, None, seed=seed, image_first=True, **settings)
+        clips = [report.generate_clips(dit, vae, te, prompts, None, seed=seed, image_first=True, **SETTINGS)
                  for prompts in pair]
         verdicts = [[evaluate.score(c, p)["objects"][0] for c, p in zip(cs, ps)] for cs, ps in zip(clips, pair)]
         both = np.mean([a["motion"] and b["motion"] for a, b in zip(*verdicts)])
@@ -145,16 +145,12 @@ def pictures(dit, vae, te, x0, scenes, levels, seed: int) -> None:
 
     print("pictures: shape right / median fill, per shape")
     report("VAE round trip", first)
-    n, _, _, h, w = first.shape
+    n = len(scenes)
     for sigma in levels:
-        noise = torch.randn(first.shape, generator=gen)
-        xt = (1 - sigma) * first + sigma * noise
-        estimate = xt - sigma * dit(xt, sampling.token_timesteps(sigma * 1000, torch.ones(n, 1, h, w),
-                                                                 dit.config.patch_size), context)
-        report(f"one step from {sigma:.2f}", estimate)
-    settings = {k: builtin.DEFAULTS[k] for k in ("steps", "cfg", "shift", "solver")}
+        xt = sampling.noise_latent(first, torch.randn(first.shape, generator=gen), sigma)
+        report(f"one step from {sigma:.2f}", xt - sigma * dit(xt, torch.full((n,), sigma * 1000), context))
     drawn = generate.sample(dit, generate.seeded_noise(first.shape, seed), context, te.encode([""] * n),
-                            seed=seed, **settings)
+                            seed=seed, **SETTINGS)
     report("drawn from noise", drawn)
 
 
