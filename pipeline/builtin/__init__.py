@@ -13,10 +13,9 @@ VAE = FOLDER / "zoetrope_builtin_vae.safetensors"
 TEXT_ENCODER = FOLDER / "zoetrope_builtin_text_encoder.safetensors"
 
 # Recommended sampling settings (what `zoetrope evaluate` measures).
-# Shift 8, in training (the noise levels drawn) and in sampling alike: objects are 10-15 standard deviations out in the
-# normalised latent, so they show through noise up to about 0.95, and the words decide only above that. Against
-# shift 3 (200/100/100 prompts): text-to-video motion 59% -> 92%, image-to-video motion 97% -> 100%, all right 18%
-# -> 29.5%; shape unchanged (33.5% -> 36%).
+# Training draws its noise levels through the same shift. Shift 8 rather than 3: objects are 10-15 standard deviations
+# out in the normalised latent and show through noise up to about 0.95, so the words decide only above that (figures
+# in train.Budget).
 DEFAULTS = dict(frames=17, width=64, height=64, steps=20, cfg=4.0, shift=8.0, solver="unipc", fps=8)
 # Text to video first draws the clip's first frame as a picture (the same prompt and seed, one frame), then animates
 # it as image-to-video. The model is trained on pictures and pinned first frames as well as clips, and gets colour,

@@ -81,9 +81,10 @@ class Budget:
     right, triangles 27%), although the VAE keeps every shape and the transformer's one-step estimate from noise 0.5
     keeps 86% and 64% of them (benchmarks/transformer_probe.py, pictures): the shape is lost along the sampling path.
     The noise levels drawn follow the sampler's shift (builtin.DEFAULTS): shift 8 against 3 took text-to-video motion
-    from 59% to 92% (the wrong way from 33% to 3.5%), image-to-video motion to 100% and all right to 29.5%; swapping
-    the motion word for its opposite now raises the image-to-video loss 3-fold above noise 0.98 (+45% at shift 3),
-    where the later frames are hidden. Shape stayed at chance (36%), two-object clips at 2%."""
+    from 59% to 92% (the wrong way from 33% to 3.5%), image-to-video motion to 100% and all right to 29.5%
+    (200/100/100 prompts). In the probe, swapping the motion word raised the loss at noise 0.9 by 24% against 6.5%,
+    and clips drawn from the same noise with opposite directions went the same way in 3% of right/left pairs against
+    84%. Shape stayed at chance (36%), two-object clips at 2%."""
     vae_steps: int = 4000
     vae_batch: int = 12
     vae_crop: int = 32
