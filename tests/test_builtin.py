@@ -218,3 +218,25 @@ def test_transformer_probe_reports_word_use_travel_and_picture_shapes(builtin_mo
     assert all("fill" in line and "%" in line for line in pictures)
     with pytest.raises(SystemExit, match="pass --folder"):
         transformer_probe.main(["--folder", str(tmp_path)])
+
+
+def test_picture_training_benchmark_trains_measures_and_remeasures_the_same(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import picture_training
+    work, out = tmp_path / "work", tmp_path / "run"
+    assert train.main(["--smoke", "--work", str(work), "--out", str(tmp_path / "x"), "--only", "transformer-1",
+                       "--dit-steps", "2", "--threads", "1"]) == 0
+    args = ["--work", str(work), "--out", str(out), "--steps", "3", "--batch", "2", "--scenes", "3",
+            "--settings", "euler:2:3:1,unipc:3:8:2"]
+    picture_training.main(args)
+    first = json.loads((out / "results.json").read_text())
+    printed = capsys.readouterr().out
+    assert "trained 3 steps" in printed and printed.count("words at noise") == 4
+    assert list(first) == ["VAE round trip", "one step from 0.5", "one step from 0.8", "one step from 0.95",
+                           "SDEdit denoise 0.5", "SDEdit denoise 0.7", "SDEdit denoise 0.85", "SDEdit denoise 0.95",
+                           "drawn euler:2:3:1", "drawn unipc:3:8:2"]
+    assert all(0 <= r["shape"] <= 1 and set(r["per_shape"]) == set(world.SHAPES) for r in first.values())
+    assert (out / "drawn.png").stat().st_size > 0
+    picture_training.main(args + ["--eval-only"])       # the saved model measures the same
+    assert json.loads((out / "results.json").read_text()) == first
