@@ -24,6 +24,7 @@ settings unipc:20:SHIFT:4). Drawn pictures, shape right (square / triangle / cir
   training shift 3:               39%  (0% / 48% / 67%), fill 0.68
   half shift 8, half shift 1:     32%  (0% / 45% / 48%), fill 0.66
   training shift 1:               35%  (3% / 45% / 56%), fill 0.65
+  shift 3, no object weighting:   31%  (0% / 28% / 70%), fill 0.70
   shift 3, patch 1 (4x tokens, 16 pictures a step, 20 min): 34% (0% / 30% / 78%), fill 0.68
 Every drawn object is a ragged blob (fill 0.65-0.69 whatever its shape; looked at: irregular outlines, often in
 two pieces, often cut by the frame's edge), and no sampling setting changes that: with the shift-3 model, sampling
