@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import time
 from dataclasses import replace
@@ -53,10 +52,10 @@ import torch
 from PIL import Image
 
 from zoetrope.pipeline import generate, sampling
-from zoetrope.pipeline.dit import WanModel
-from zoetrope.pipeline.text_encoder import TextEncoder, UMT5Encoder
+from zoetrope.pipeline.text_encoder import TextEncoder
 from zoetrope.pipeline.tokenizer import Tokenizer
 from zoetrope.pipeline.world import evaluate, scene as world, train
+from transformer_probe import swapped      # benchmarks/: the probe's attribute swap
 
 SEED = 1234     # train-builtin's default: the VAE stage and pool of its work folder
 
@@ -84,13 +83,7 @@ def train_pictures(pool, tokenizer, budget: train.Budget, dit_config, steps: int
     device = torch.device("cpu")
     pictures = torch.cat(pool["latents"])[:, :, :1].float()
     scenes = pool["scenes"]
-    torch.manual_seed(SEED + 2)
-    encoder = UMT5Encoder(replace(train.TEXT_CONFIG, vocab_size=tokenizer.vocab_size))
-    dit = WanModel(dit_config)
-    torch.nn.init.zeros_(dit.head.head.weight)
-    torch.nn.init.zeros_(dit.head.head.bias)
-    params = list(encoder.parameters()) + list(dit.parameters())
-    opt = torch.optim.AdamW(params, lr=budget.lr_dit, weight_decay=0.01, betas=(0.9, 0.99))
+    encoder, dit, _, params, opt = train.new_transformer(tokenizer, budget, SEED, device, dit_config)
     ema_dit, ema_encoder = copy.deepcopy(dit).eval(), copy.deepcopy(encoder).eval()
     rng, gen = np.random.default_rng(SEED + 3), torch.Generator().manual_seed(SEED + 4)
     start = time.time()
@@ -149,15 +142,7 @@ def measure(dit, vae, te, settings: list[str], n: int, out: Path) -> dict:
         xt = sampling.noise_latent(x0, torch.randn(x0.shape, generator=gen), sigma)
         score(xt - sigma * dit(xt, torch.full((n,), sigma * 1000), cond), f"one step from {sigma}")
 
-    swaps = {}
-    for attribute, values in (("shape", world.SHAPES), ("colour", world.COLOURS), ("size", world.SIZES)):
-        changed = []
-        for s in scenes:
-            obj = s.objects[0]
-            others = [v for v in values if v != getattr(obj, attribute)]
-            changed.append(dataclasses.replace(s, objects=(
-                dataclasses.replace(obj, **{attribute: others[rng.integers(len(others))]}),)))
-        swaps[attribute] = te.encode([world.prompt(s) for s in changed])
+    swaps = {a: te.encode([world.prompt(swapped(s, a, rng)) for s in scenes]) for a in ("shape", "colour", "size")}
     for sigma in (0.3, 0.5, 0.8, 0.95):
         noise = torch.randn(x0.shape, generator=gen)
         xt, t = sampling.noise_latent(x0, noise, sigma), torch.full((n,), sigma * 1000)
@@ -205,8 +190,7 @@ def main(argv=None) -> None:
     checkpoint = args.out / "model.pt"
     if args.eval_only:
         state = torch.load(checkpoint)
-        dit = WanModel(dit_config)
-        encoder = UMT5Encoder(replace(train.TEXT_CONFIG, vocab_size=tokenizer.vocab_size))
+        encoder, dit, *_ = train.new_transformer(tokenizer, budget, SEED, torch.device("cpu"), dit_config)
         dit.load_state_dict(state["dit"])
         encoder.load_state_dict(state["encoder"])
     else:

@@ -361,22 +361,29 @@ def _free_start(rng, scene):
     return replace(scene, objects=(replace(obj, start=start, travel=min(world.TRAVEL, room)),))
 
 
-def train_transformer(work: Path, pool: dict, spiece: bytes, budget: Budget, seed: int, device, progress,
-                      first_half_only: bool = False):
-    """Stage 3. The schedule's two halves are the stages transformer-1 and transformer-2, each under 90 minutes on
-    a 2-core CPU: a checkpoint and a log line mark the half-way step, where `first_half_only` stops."""
-    stage = Stage(work, "transformer")
+def new_transformer(tokenizer: Tokenizer, budget: Budget, seed: int, device, dit_config: DiTConfig = DIT_CONFIG):
+    """Stage 3's untrained text encoder and transformer, seeded, and their optimiser:
+    (encoder, dit, te_config, params, opt)."""
     torch.manual_seed(seed + 2)
-    tokenizer = Tokenizer.from_bytes(spiece)
     te_config = replace(TEXT_CONFIG, vocab_size=tokenizer.vocab_size)
     encoder = UMT5Encoder(te_config).to(device)
-    dit = WanModel(DIT_CONFIG).to(device)
+    dit = WanModel(dit_config).to(device)
     # Wan's own initialisation of the output layer: zero, so the untrained model predicts no velocity at all
     # instead of noise, and the first steps are spent on the data rather than on undoing a random projection.
     torch.nn.init.zeros_(dit.head.head.weight)
     torch.nn.init.zeros_(dit.head.head.bias)
     params = list(encoder.parameters()) + list(dit.parameters())
     opt = torch.optim.AdamW(params, lr=budget.lr_dit, weight_decay=0.01, betas=(0.9, 0.99))
+    return encoder, dit, te_config, params, opt
+
+
+def train_transformer(work: Path, pool: dict, spiece: bytes, budget: Budget, seed: int, device, progress,
+                      first_half_only: bool = False):
+    """Stage 3. The schedule's two halves are the stages transformer-1 and transformer-2, each under 90 minutes on
+    a 2-core CPU: a checkpoint and a log line mark the half-way step, where `first_half_only` stops."""
+    stage = Stage(work, "transformer")
+    tokenizer = Tokenizer.from_bytes(spiece)
+    encoder, dit, te_config, params, opt = new_transformer(tokenizer, budget, seed, device)
     ema = {"dit": copy.deepcopy(dit).eval(), "encoder": copy.deepcopy(encoder).eval()}
     step, rng = 0, np.random.default_rng(seed + 3)
     state = stage.load()
