@@ -136,6 +136,22 @@ def test_training_computes_in_bf16_only_where_the_hardware_has_it(monkeypatch):
             assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == dtype
 
 
+def test_an_avx512_cpu_without_bf16_instructions_trains_in_fp32(monkeypatch):
+    # oneDNN accepts bf16 on any AVX-512 CPU, but converts where the bf16 dot products are missing: slower than fp32.
+    cpu = torch.device("cpu")
+    try:       # the answer is cached per device: clear it around the patched checks, and after them
+        ops.bf16_native.cache_clear()
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        assert not ops.bf16_native(cpu)
+        ops.bf16_native.cache_clear()
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+        assert ops.bf16_native(cpu)
+    finally:
+        monkeypatch.undo()
+        ops.bf16_native.cache_clear()
+
+
 def test_the_transformer_loss_weighs_object_positions_above_the_background():
     x0 = torch.randn(1, 16, 1, 1, 1).expand(2, 16, 5, 16, 16).clone()     # a flat background latent
     x0[0, :, :, 3:5, 6:8] += 3.0                                           # an object in clip 0 only
