@@ -162,6 +162,31 @@ def test_the_transformer_loss_weighs_object_positions_above_the_background():
     assert torch.equal(train._latent_object_weight(x0, 0.0), torch.ones_like(w))
 
 
+def test_the_shape_probe_loss_rewards_a_latent_that_names_each_cells_shape():
+    probe = train.ShapeProbe(16)
+    maps = torch.zeros(1, 1, 16, 16, dtype=torch.long)
+    maps[0, 0, 4:12, 4:12] = 1 + world.SHAPES.index("square")                 # one square, 8x8 pixels
+    direction = torch.nn.functional.normalize(probe.read.weight.detach(), dim=1)   # [4, 16]
+    coded = torch.zeros(1, 16, 1, 4, 4)
+    coded[0, :, 0] = 6 * direction[0].view(16, 1, 1)                           # background everywhere ...
+    coded[0, :, 0, 1:3, 1:3] = 6 * direction[1 + world.SHAPES.index("square")].view(16, 1, 1)   # ... a square here
+    wrong = coded.clone()
+    wrong[0, :, 0, 1:3, 1:3] = 6 * direction[1 + world.SHAPES.index("circle")].view(16, 1, 1)
+    right_loss = train._shape_probe_loss(probe, coded, maps, tc=4, sc=4)
+    assert right_loss < 0.2 < 2.0 < train._shape_probe_loss(probe, wrong, maps, tc=4, sc=4)
+
+
+def test_a_vae_trained_with_the_shape_probe_keeps_it_and_loads_as_finished_without_it(tmp_path):
+    from dataclasses import replace
+    budget = replace(train.SMOKE, vae_steps=2, vae_shape_probe=0.5)
+    train.train_vae(tmp_path, budget, 0, torch.device("cpu"), lambda *a: __import__("tqdm").tqdm(disable=True))
+    state = torch.load(tmp_path / "vae.pt", weights_only=False)
+    assert set(state["probe"]) == {"read.weight", "read.bias"}
+    # A later stage (or a benchmark) asks for the finished VAE with the default budget: it loads, no optimiser.
+    vae = train.train_vae(tmp_path, train.SMOKE, 0, torch.device("cpu"), None)
+    assert all(torch.equal(vae.state_dict()[k], v) for k, v in state["model"].items())
+
+
 def test_free_start_clips_move_the_prompts_way_from_anywhere_in_the_frame():
     from zoetrope.pipeline.world import evaluate
     rng = np.random.default_rng(5)
@@ -251,7 +276,7 @@ def test_picture_training_benchmark_trains_measures_and_remeasures_the_same(tmp_
     assert "trained 3 steps" in printed and printed.count("words at noise") == 4
     assert list(first) == ["VAE round trip", "one step from 0.5", "one step from 0.8", "one step from 0.95",
                            "SDEdit denoise 0.5", "SDEdit denoise 0.7", "SDEdit denoise 0.85", "SDEdit denoise 0.95",
-                           "drawn euler:2:3:1", "drawn unipc:3:8:2"]
+                           "  estimate at 1.00", "drawn euler:2:3:1", "drawn unipc:3:8:2"]   # the first path's estimate
     assert all(0 <= r["shape"] <= 1 and set(r["per_shape"]) == set(world.SHAPES) for r in first.values())
     assert (out / "drawn.png").stat().st_size > 0
     picture_training.main(args + ["--eval-only"])       # the saved model measures the same

@@ -17,6 +17,7 @@ from zoetrope.pipeline.world import (
     ObjectSpec, Scene, analyse, clip_batch, contact_sheet, paraphrase, parse_prompt, place_objects, prompt,
     render, sample_scene, score, summarise, to_frames, vocabulary_words,
 )
+from zoetrope.pipeline.world import scene as world
 from zoetrope.pipeline.world.evaluate import _label
 
 # TINY_WORLD.md, "Vocabulary"
@@ -68,6 +69,21 @@ def test_exact_palette_inside_objects_and_background():
             flat = (frames == SPEC_COLOURS[obj.colour]).all(-1).sum((1, 2))
             area = SPEC_AREA[obj.shape] * (SPEC_SIDES[obj.size] * 64) ** 2
             assert (flat > 0.5 * area).all()                         # a flat interior, not just one pixel
+
+
+def test_shape_map_names_the_shape_under_every_object_pixel():
+    for scene in scenes(3, 20):
+        frames, maps = render(scene), world.shape_map(scene)
+        assert maps.shape == frames.shape[:3]
+        bg = np.array(SPEC_BACKGROUNDS[scene.background])
+        area = dict.fromkeys(world.SHAPES, 0.0)
+        for obj in scene.objects:
+            flat = (frames == SPEC_COLOURS[obj.colour]).all(-1)                # fully covered pixels
+            assert (maps[flat] == 1 + world.SHAPES.index(obj.shape)).all()
+            area[obj.shape] += SPEC_AREA[obj.shape] * (SPEC_SIDES[obj.size] * 64) ** 2
+        for shape, expected in area.items():                                  # two objects may share a shape
+            assert np.allclose((maps == 1 + world.SHAPES.index(shape)).sum((1, 2)), expected, rtol=0.15, atol=1)
+        assert (maps[(frames == bg).all(-1)] == 0).all()                        # nothing labelled on the background
 
 
 @pytest.mark.parametrize("size", [64, 128])

@@ -240,6 +240,20 @@ def render(scene: Scene, size: int = SIZE, frames: int = FRAMES) -> np.ndarray:
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
+def shape_map(scene: Scene, size: int = SIZE, frames: int = FRAMES) -> np.ndarray:
+    """Which shape covers each pixel: int64 [frames, size, size], 0 for the background and 1 + SHAPES.index(shape)
+    where an object covers at least half the pixel (render's coverage)."""
+    progress = np.arange(frames) / max(frames - 1, 1)
+    centres = (np.arange(size, dtype=np.float32) + 0.5)
+    out = np.zeros((frames, size, size), dtype=np.int64)
+    for obj in scene.objects:
+        cx, cy = obj.centre(progress)
+        x = centres[None, None, :] - (cx * size).astype(np.float32)[:, None, None]
+        y = centres[None, :, None] - (cy * size).astype(np.float32)[:, None, None]
+        out[_signed_distance(obj.shape, x, y, obj.side * size) <= 0] = 1 + SHAPES.index(obj.shape)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Prompts
 

@@ -13,9 +13,10 @@ Stages, each resumable (a checkpoint every few minutes; a finished stage is skip
 
 Everything is seeded. One command runs them all:
     zoetrope train-builtin --work builtin-training
-Measured on a 2-core CPU with AVX-512, which computes in bf16: VAE 41.5 min (0.5-0.75 s a step on 2 threads), latent
-pool 3.1 min, transformer 110.3 min (1.0-1.2 s a step; its halves 56 and 54.3); 2 h 35 min in all. A CPU with AVX2
-only computes in fp32 and takes several times as long. `--only STAGE` runs one stage. A GPU, when present, is used
+Measured on a 2-core CPU that computes in bf16 (ops.bf16_native): VAE 41.5 min (0.5-0.75 s a step on 2 threads), latent
+pool 3.1 min, transformer 110.3 min (1.0-1.2 s a step; its halves 56 and 54.3); 2 h 35 min in all. A CPU without
+native bf16 computes in fp32: one with AVX-512 took about 1 s a VAE step (4000 steps in about 65 min) and 0.5 s a
+transformer step on 32 pictures alone; one with AVX2 only takes several times as long. `--only STAGE` runs one stage. A GPU, when present, is used
 and takes minutes.
 """
 from __future__ import annotations
@@ -104,6 +105,8 @@ class Budget:
     object_weight: float = 4.0   # extra loss weight on the latent positions of objects (see _latent_object_weight)
     ema: float = 0.999
     shift: float = builtin.DEFAULTS["shift"]   # training's noise levels are drawn through the sampler's shift
+    vae_shape_probe: float = 0.0      # weight of _shape_probe_loss in the VAE stage; off: it made the transformer
+                                      # read the shape word but not draw shapes (benchmarks/picture_training.py)
     stats_clips: int = 64        # clips whose latents give the per-channel mean and std
 
 
@@ -118,8 +121,10 @@ def _device() -> torch.device:
 
 
 def _autocast(device: torch.device):
-    # bf16 where the hardware has it: several times faster than fp32 on AVX-512 CPUs and GPUs. Elsewhere fp32: on an
-    # AVX2-only CPU bf16 is emulated, and a transformer step took 30 s against 2.0 s in fp32 (a VAE step 80 s).
+    # bf16 where the hardware has it (ops.bf16_native): several times faster than fp32 on GPUs and CPUs with
+    # AVX512-BF16. Elsewhere fp32: on an AVX2-only CPU bf16 is emulated, and a transformer step took 30 s against
+    # 2.0 s in fp32 (a VAE step 80 s); on AVX-512 without the bf16 instructions a VAE step took 0.93-1.1 s against
+    # 0.61 s in fp32.
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=ops.bf16_native(device))
 
 
@@ -146,22 +151,30 @@ class Stage:
             self.done_path.write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
-def _clips(rng: np.random.Generator, n: int, frames: int, crop: int | None = None) -> tuple[torch.Tensor, list]:
-    """n random clips [n, 3, T, H, W] in -1..1 and their scenes (one or two objects).
+def _clips(rng: np.random.Generator, n: int, frames: int, crop: int | None = None,
+           shapes: bool = False) -> tuple[torch.Tensor, list] | tuple[torch.Tensor, list, torch.Tensor]:
+    """n random clips [n, 3, T, H, W] in -1..1 and their scenes (one or two objects); with `shapes`, also each
+    pixel's world.shape_map [n, T, H, W].
 
     With `crop`, each clip is cut to crop x crop pixels around one of its objects' first position (jittered): the
     VAE is convolutional, and a quarter of the pixels trains four times faster at the same scale of objects.
     """
     scenes = [world.sample_scene(rng, 1 if rng.random() < 0.6 else 2) for _ in range(n)]
     video = np.stack([world.render(s, size=SIZE, frames=frames) for s in scenes])        # [n, T, H, W, 3] uint8
+    maps = np.stack([world.shape_map(s, size=SIZE, frames=frames) for s in scenes]) if shapes else None
     if crop is not None:
-        cut = []
-        for v, s in zip(video, scenes):
+        cut, cut_maps = [], []
+        for k, (v, s) in enumerate(zip(video, scenes)):
             cx, cy = s.objects[rng.integers(len(s.objects))].start
             x0 = int(np.clip(cx * SIZE - crop / 2 + rng.integers(-crop // 3, crop // 3 + 1), 0, SIZE - crop))
             y0 = int(np.clip(cy * SIZE - crop / 2 + rng.integers(-crop // 3, crop // 3 + 1), 0, SIZE - crop))
             cut.append(v[:, y0:y0 + crop, x0:x0 + crop])
+            if shapes:
+                cut_maps.append(maps[k, :, y0:y0 + crop, x0:x0 + crop])
         video = np.stack(cut)
+        maps = np.stack(cut_maps) if shapes else None
+    if shapes:
+        return evaluate.to_video(video), scenes, torch.from_numpy(maps)
     return evaluate.to_video(video), scenes
 
 
@@ -174,12 +187,41 @@ def _object_weight(video: torch.Tensor) -> torch.Tensor:
     return 1 + 7 * fg
 
 
+class ShapeProbe(torch.nn.Module):
+    """A linear read-out of each latent cell's shape (background, circle, square, triangle) along unit-length
+    directions, so that the encoder has to move the code by a fixed distance, not just a probe grow its weights."""
+
+    def __init__(self, z_dim: int):
+        super().__init__()
+        self.read = torch.nn.Linear(z_dim, 1 + len(world.SHAPES))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:                         # [B, z, T, h, w] -> [B, 4, T, h, w]
+        w = F.normalize(self.read.weight, dim=1)
+        return torch.einsum("bzthw,kz->bkthw", z, w) + self.read.bias.view(1, -1, 1, 1, 1)
+
+
+def _shape_probe_loss(probe: ShapeProbe, mu: torch.Tensor, maps: torch.Tensor, tc: int, sc: int) -> torch.Tensor:
+    """Cross-entropy of the probe's read-out of every latent cell against the share of the cell each shape covers
+    in the frame the cell's chunk ends on (frames 0, tc, 2 tc, ...); object cells count 8x.
+
+    Why: the transformer learns colour (a code over the object's cells) quickly and shape (the outline, a detail
+    inside a cell or two) barely; a code that names the shape in every object cell makes shape a colour-like
+    attribute for it to draw."""
+    idx = list(range(0, maps.shape[1], tc))
+    onehot = F.one_hot(maps[:, idx], 1 + len(world.SHAPES)).permute(0, 4, 1, 2, 3).float()   # [B, 4, T', H, W]
+    target = F.avg_pool3d(onehot, kernel_size=(1, sc, sc)).to(mu.device)                    # [B, 4, T', h, w]
+    logp = F.log_softmax(probe(mu.float()), dim=1)
+    weight = 1 + 7 * (1 - target[:, :1])
+    return (-(target * logp).sum(1, keepdim=True) * weight).sum() / weight.sum()
+
+
 def train_vae(work: Path, budget: Budget, seed: int, device: torch.device, progress) -> WanVAE:
     """Stage 1: encoder and decoder together, on clips of 1 to 17 frames (mostly crops around objects), by
     object-weighted L1 + L2, a small latent penalty and the anchor loss."""
     torch.manual_seed(seed)
     vae = WanVAE(VAE_CONFIG).to(device)
-    params = list(vae.parameters())
+    probe = ShapeProbe(VAE_CONFIG.z_dim).to(device) if budget.vae_shape_probe > 0 else None
+    params = list(vae.parameters()) + (list(probe.parameters()) if probe is not None else [])
     # Single frames, and clips of two to five chunks: later chunks read the causal cache of an earlier chunk
     # that was itself not the first, which a 5-frame clip never shows; whole 17-frame clips keep the last
     # chunks from drifting.
@@ -190,10 +232,12 @@ def train_vae(work: Path, budget: Budget, seed: int, device: torch.device, progr
     state = stage.load()
     if state is not None:
         vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step, rng = state["step"], state["rng"]
         if stage.done:
             return vae.eval()
+        if probe is not None:
+            probe.load_state_dict(state["probe"])
+        opt.load_state_dict(state["opt"])
+        step, rng = state["step"], state["rng"]
     vae.train()
     last_save, bar = time.time(), progress(budget.vae_steps, stage.name, step)
     while step < budget.vae_steps:
@@ -205,7 +249,7 @@ def train_vae(work: Path, budget: Budget, seed: int, device: torch.device, progr
         # attention also see the full picture. Longer clips get smaller batches: about the same pixels a step.
         whole = step % 4 == 3
         batch = max(1, budget.vae_batch * 5 // max(t, 5) // (2 if whole else 1))
-        video, _ = _clips(rng, batch, t, crop=None if whole else budget.vae_crop)
+        video, _, *maps = _clips(rng, batch, t, crop=None if whole else budget.vae_crop, shapes=probe is not None)
         video = video.to(device)
         with _autocast(device):
             mu = vae.encode(video)
@@ -214,6 +258,11 @@ def train_vae(work: Path, budget: Budget, seed: int, device: torch.device, progr
         loss = (w * (recon - video).abs()).mean() + (w * (recon - video) ** 2).mean() + 1e-4 * mu.float().pow(2).mean()
         if budget.vae_anchor > 0 and mu.shape[2] > 1:
             loss = loss + budget.vae_anchor * _anchor_loss(vae, video, mu)
+        if probe is not None:
+            probe_loss = _shape_probe_loss(probe, mu, maps[0], vae.temporal_compression, vae.spatial_compression)
+            loss = loss + budget.vae_shape_probe * probe_loss
+            if step % 100 == 0:
+                log.info("vae step %d shape probe cross-entropy %.4f", step, probe_loss.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -224,7 +273,8 @@ def train_vae(work: Path, budget: Budget, seed: int, device: torch.device, progr
         if step % 100 == 0:
             log.info("vae step %d loss %.5f", step, loss.item())
         if time.time() - last_save > 180 or step == budget.vae_steps:
-            stage.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "rng": rng},
+            stage.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "rng": rng,
+                        **({"probe": probe.state_dict()} if probe is not None else {})},
                        done=step == budget.vae_steps)
             last_save = time.time()
     bar.close()
