@@ -49,8 +49,11 @@ code, and the layout is wrong: sheets show oversized, merged or doubled blobs (a
 always a [1,2,1] blur; or 800 steps on the transformer's own SDEdit outputs from 0.3-0.9 with the true pictures as
 targets) give 36-50%, squares 0% in all; guidance only for noise in [0.5, 1] or [0.7, 0.95] changes nothing. Even
 from a true picture noised to 0.3, the one-step estimate keeps 85% of shapes (squares 97%) but the sampled path 74%
-(guidance 1) or 59% (guidance 4). What is left to fix is the transformer's layout (one compact object where the prompt
-names one), not the shape word or the decoder.
+(guidance 1) or 59% (guidance 4). Trained on the pool's one-object scenes alone (same VAE, same 2000 steps), the
+transformer draws one compact object (an extra one in 3% of pictures against 21%; colour and size 100%), so the doubled
+and merged blobs come from the two-object scenes; but its outlines stay rounded (shape 39%: 3% / 22% / 100%), and
+several objects are cut by the frame's edge. So the outline itself is still what fails, with the shape word read and
+the shape code drawn right.
 """
 from __future__ import annotations
 
