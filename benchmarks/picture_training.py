@@ -174,10 +174,10 @@ def measure(dit, vae, te, settings: list[str], n: int, out: Path) -> dict:
 
     for k, setting in enumerate(settings):
         solver, steps, shift, cfg = setting.split(":")
-        estimates = {}
+        estimates = {}      # the first setting's clean estimates, step by step
+        keep = (lambda step, total, x0_est: estimates.__setitem__(step, x0_est.clone())) if k == 0 else None
         latents = generate.sample(dit, generate.seeded_noise(x0.shape, 7), cond, uncond, steps=int(steps),
-                                  cfg=float(cfg), shift=float(shift), solver=solver, seed=7,
-                                  progress=lambda step, total, x0_est: estimates.__setitem__(step, x0_est.clone()))
+                                  cfg=float(cfg), shift=float(shift), solver=solver, seed=7, progress=keep)
         if k == 0:      # the first setting's path: its clean estimate every few steps
             sigmas = sampling.default_sigmas(solver, int(steps), float(shift))
             for step in range(1, int(steps), max(1, int(steps) // 5)):

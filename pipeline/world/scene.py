@@ -216,6 +216,17 @@ def _signed_distance(shape: str, x: np.ndarray, y: np.ndarray, side: float) -> n
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
+def _object_distances(scene: Scene, size: int, frames: int):
+    """Each object with its signed distance [T, H, W] from every pixel centre, in pixels, frame by frame."""
+    progress = np.arange(frames) / max(frames - 1, 1)                       # [T]
+    centres = (np.arange(size, dtype=np.float32) + 0.5)                      # pixel centres
+    for obj in scene.objects:
+        cx, cy = obj.centre(progress)
+        x = centres[None, None, :] - (cx * size).astype(np.float32)[:, None, None]   # [T, 1, W]
+        y = centres[None, :, None] - (cy * size).astype(np.float32)[:, None, None]   # [T, H, 1]
+        yield obj, _signed_distance(obj.shape, x, y, obj.side * size)
+
+
 def render(scene: Scene, size: int = SIZE, frames: int = FRAMES) -> np.ndarray:
     """Draw the scene: uint8 [frames, size, size, 3], flat colours with anti-aliased edges.
 
@@ -226,15 +237,10 @@ def render(scene: Scene, size: int = SIZE, frames: int = FRAMES) -> np.ndarray:
     _check_words(scene)
     if frames < 1 or size < 1:
         raise ValueError(f"render needs frames >= 1 and size >= 1, got frames={frames}, size={size}")
-    progress = np.arange(frames) / max(frames - 1, 1)                       # [T]
-    centres = (np.arange(size, dtype=np.float32) + 0.5)                      # pixel centres
     bg = np.asarray(BACKGROUNDS[scene.background], dtype=np.float32)
     image = np.broadcast_to(bg, (frames, size, size, 3)).copy()              # [T, H, W, 3]
-    for obj in scene.objects:
-        cx, cy = obj.centre(progress)
-        x = centres[None, None, :] - (cx * size).astype(np.float32)[:, None, None]   # [T, 1, W]
-        y = centres[None, :, None] - (cy * size).astype(np.float32)[:, None, None]   # [T, H, 1]
-        coverage = np.clip(0.5 - _signed_distance(obj.shape, x, y, obj.side * size), 0.0, 1.0)  # [T, H, W]
+    for obj, distance in _object_distances(scene, size, frames):
+        coverage = np.clip(0.5 - distance, 0.0, 1.0)                         # [T, H, W]
         # Objects never overlap, so each one blends against the background alone.
         image += coverage[..., None] * (np.asarray(COLOURS[obj.colour], dtype=np.float32) - bg)
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
@@ -243,14 +249,9 @@ def render(scene: Scene, size: int = SIZE, frames: int = FRAMES) -> np.ndarray:
 def shape_map(scene: Scene, size: int = SIZE, frames: int = FRAMES) -> np.ndarray:
     """Which shape covers each pixel: int64 [frames, size, size], 0 for the background and 1 + SHAPES.index(shape)
     where an object covers at least half the pixel (render's coverage)."""
-    progress = np.arange(frames) / max(frames - 1, 1)
-    centres = (np.arange(size, dtype=np.float32) + 0.5)
     out = np.zeros((frames, size, size), dtype=np.int64)
-    for obj in scene.objects:
-        cx, cy = obj.centre(progress)
-        x = centres[None, None, :] - (cx * size).astype(np.float32)[:, None, None]
-        y = centres[None, :, None] - (cy * size).astype(np.float32)[:, None, None]
-        out[_signed_distance(obj.shape, x, y, obj.side * size) <= 0] = 1 + SHAPES.index(obj.shape)
+    for obj, distance in _object_distances(scene, size, frames):
+        out[distance <= 0] = 1 + SHAPES.index(obj.shape)
     return out
 
 

@@ -13,11 +13,11 @@ Stages, each resumable (a checkpoint every few minutes; a finished stage is skip
 
 Everything is seeded. One command runs them all:
     zoetrope train-builtin --work builtin-training
-Measured on a 2-core CPU that computes in bf16 (ops.bf16_native): VAE 41.5 min (0.5-0.75 s a step on 2 threads), latent
-pool 3.1 min, transformer 110.3 min (1.0-1.2 s a step; its halves 56 and 54.3); 2 h 35 min in all. A CPU without
-native bf16 computes in fp32: one with AVX-512 took about 1 s a VAE step (4000 steps in about 65 min) and 0.5 s a
-transformer step on 32 pictures alone; one with AVX2 only takes several times as long. `--only STAGE` runs one stage. A GPU, when present, is used
-and takes minutes.
+Measured on a 2-core CPU that computes in bf16 (ops.bf16_native): VAE 41.5 min (0.5-0.75 s a step on 2 threads),
+latent pool 3.1 min, transformer 110.3 min (1.0-1.2 s a step; its halves 56 and 54.3); 2 h 35 min in all. A CPU
+without native bf16 computes in fp32: one with AVX-512 took about 1 s a VAE step (4000 steps in about 65 min) and
+0.5 s a transformer step on 32 pictures alone; one with AVX2 only takes several times as long. `--only STAGE` runs one
+stage. A GPU, when present, is used and takes minutes.
 """
 from __future__ import annotations
 
@@ -152,9 +152,9 @@ class Stage:
 
 
 def _clips(rng: np.random.Generator, n: int, frames: int, crop: int | None = None,
-           shapes: bool = False) -> tuple[torch.Tensor, list] | tuple[torch.Tensor, list, torch.Tensor]:
-    """n random clips [n, 3, T, H, W] in -1..1 and their scenes (one or two objects); with `shapes`, also each
-    pixel's world.shape_map [n, T, H, W].
+           shapes: bool = False) -> tuple[torch.Tensor, list, torch.Tensor | None]:
+    """n random clips [n, 3, T, H, W] in -1..1, their scenes (one or two objects) and, with `shapes`, each pixel's
+    world.shape_map [n, T, H, W] (else None).
 
     With `crop`, each clip is cut to crop x crop pixels around one of its objects' first position (jittered): the
     VAE is convolutional, and a quarter of the pixels trains four times faster at the same scale of objects.
@@ -163,19 +163,16 @@ def _clips(rng: np.random.Generator, n: int, frames: int, crop: int | None = Non
     video = np.stack([world.render(s, size=SIZE, frames=frames) for s in scenes])        # [n, T, H, W, 3] uint8
     maps = np.stack([world.shape_map(s, size=SIZE, frames=frames) for s in scenes]) if shapes else None
     if crop is not None:
-        cut, cut_maps = [], []
-        for k, (v, s) in enumerate(zip(video, scenes)):
+        corners = []
+        for s in scenes:
             cx, cy = s.objects[rng.integers(len(s.objects))].start
             x0 = int(np.clip(cx * SIZE - crop / 2 + rng.integers(-crop // 3, crop // 3 + 1), 0, SIZE - crop))
             y0 = int(np.clip(cy * SIZE - crop / 2 + rng.integers(-crop // 3, crop // 3 + 1), 0, SIZE - crop))
-            cut.append(v[:, y0:y0 + crop, x0:x0 + crop])
-            if shapes:
-                cut_maps.append(maps[k, :, y0:y0 + crop, x0:x0 + crop])
-        video = np.stack(cut)
-        maps = np.stack(cut_maps) if shapes else None
-    if shapes:
-        return evaluate.to_video(video), scenes, torch.from_numpy(maps)
-    return evaluate.to_video(video), scenes
+            corners.append((y0, x0))
+        video = np.stack([v[:, y:y + crop, x:x + crop] for v, (y, x) in zip(video, corners)])
+        if shapes:
+            maps = np.stack([m[:, y:y + crop, x:x + crop] for m, (y, x) in zip(maps, corners)])
+    return evaluate.to_video(video), scenes, None if maps is None else torch.from_numpy(maps)
 
 
 def _object_weight(video: torch.Tensor) -> torch.Tensor:
@@ -249,7 +246,7 @@ def train_vae(work: Path, budget: Budget, seed: int, device: torch.device, progr
         # attention also see the full picture. Longer clips get smaller batches: about the same pixels a step.
         whole = step % 4 == 3
         batch = max(1, budget.vae_batch * 5 // max(t, 5) // (2 if whole else 1))
-        video, _, *maps = _clips(rng, batch, t, crop=None if whole else budget.vae_crop, shapes=probe is not None)
+        video, _, maps = _clips(rng, batch, t, crop=None if whole else budget.vae_crop, shapes=probe is not None)
         video = video.to(device)
         with _autocast(device):
             mu = vae.encode(video)
@@ -258,11 +255,10 @@ def train_vae(work: Path, budget: Budget, seed: int, device: torch.device, progr
         loss = (w * (recon - video).abs()).mean() + (w * (recon - video) ** 2).mean() + 1e-4 * mu.float().pow(2).mean()
         if budget.vae_anchor > 0 and mu.shape[2] > 1:
             loss = loss + budget.vae_anchor * _anchor_loss(vae, video, mu)
+        probe_loss = None
         if probe is not None:
-            probe_loss = _shape_probe_loss(probe, mu, maps[0], vae.temporal_compression, vae.spatial_compression)
+            probe_loss = _shape_probe_loss(probe, mu, maps, vae.temporal_compression, vae.spatial_compression)
             loss = loss + budget.vae_shape_probe * probe_loss
-            if step % 100 == 0:
-                log.info("vae step %d shape probe cross-entropy %.4f", step, probe_loss.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -271,7 +267,8 @@ def train_vae(work: Path, budget: Budget, seed: int, device: torch.device, progr
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
         if step % 100 == 0:
-            log.info("vae step %d loss %.5f", step, loss.item())
+            log.info("vae step %d loss %.5f%s", step, loss.item(),
+                     "" if probe_loss is None else f" (shape probe cross-entropy {probe_loss.item():.4f})")
         if time.time() - last_save > 180 or step == budget.vae_steps:
             stage.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "rng": rng,
                         **({"probe": probe.state_dict()} if probe is not None else {})},
@@ -311,7 +308,7 @@ def _anchor_loss(vae: WanVAE, video: torch.Tensor, mu: torch.Tensor) -> torch.Te
 @torch.no_grad()
 def latent_stats(vae: WanVAE, seed: int, device, n: int = 64) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of the raw latents of n clips: the built-in family's normalisation constants."""
-    video, _ = _clips(np.random.default_rng(seed + 1), n, FRAMES)
+    video, _, _ = _clips(np.random.default_rng(seed + 1), n, FRAMES)
     with _autocast(device):
         zs = torch.cat([vae.encode(video[i:i + 8].to(device)).float() for i in range(0, n, 8)])
     zs = zs.transpose(0, 1).reshape(zs.shape[1], -1)
