@@ -94,12 +94,17 @@ def prepare(work: Path, budget: train.Budget = train.Budget()):
     return vae, Tokenizer.from_bytes(spiece), pool
 
 
-def train_pictures(pool, tokenizer, budget: train.Budget, dit_config, steps: int, batch: int):
-    """The transformer stage's loop on first latent frames only; returns the EMA models (decay 0.998 from a quarter
-    of the way, so that a short run's average is not mostly its first steps)."""
+def train_pictures(pool, tokenizer, budget: train.Budget, dit_config, steps: int, batch: int,
+                   one_object: bool = False):
+    """The transformer stage's loop on first latent frames only (with `one_object`, of the pool's one-object scenes
+    only); returns the EMA models (decay 0.998 from a quarter of the way, so that a short run's average is not mostly
+    its first steps)."""
     device = torch.device("cpu")
     pictures = torch.cat(pool["latents"])[:, :, :1].float()
     scenes = pool["scenes"]
+    if one_object:
+        keep = [i for i, s in enumerate(scenes) if len(s.objects) == 1]
+        pictures, scenes = pictures[keep], [scenes[i] for i in keep]
     encoder, dit, _, params, opt = train.new_transformer(tokenizer, budget, SEED, device, dit_config)
     ema_dit, ema_encoder = copy.deepcopy(dit).eval(), copy.deepcopy(encoder).eval()
     rng, gen = np.random.default_rng(SEED + 3), torch.Generator().manual_seed(SEED + 4)
@@ -202,6 +207,11 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=train.Budget.lr_dit)
     ap.add_argument("--vae-shape-probe", type=float, default=train.Budget.vae_shape_probe,
                     help="the shape probe's weight when this run trains the work folder's VAE (train.Budget)")
+    ap.add_argument("--vae-decoder-blur", type=float, default=train.Budget.vae_decoder_blur,
+                    help="share of VAE steps whose decoder reads blurred latents, when this run trains the VAE")
+    ap.add_argument("--vae-steps", type=int, default=train.Budget.vae_steps,
+                    help="VAE steps when this run trains the work folder's VAE")
+    ap.add_argument("--one-object", action="store_true", help="train on the pool's one-object scenes only")
     ap.add_argument("--patch", type=int, default=train.DIT_CONFIG.patch_size[1], help="the transformer's patch side")
     ap.add_argument("--scenes", type=int, default=96)
     ap.add_argument("--settings", default="unipc:20:8:4,unipc:20:3:4,unipc:40:3:4,unipc:20:3:2,euler:40:3:4",
@@ -213,7 +223,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     budget = replace(train.Budget(), shift=args.shift, object_weight=args.object_weight, lr_dit=args.lr,
-                     vae_shape_probe=args.vae_shape_probe)
+                     vae_shape_probe=args.vae_shape_probe, vae_decoder_blur=args.vae_decoder_blur,
+                     vae_steps=args.vae_steps)
     vae, tokenizer, pool = prepare(args.work, budget)
     if args.vae is not None:
         vae.load_state_dict(torch.load(args.vae, weights_only=False)["model"])
@@ -225,7 +236,7 @@ def main(argv=None) -> None:
         dit.load_state_dict(state["dit"])
         encoder.load_state_dict(state["encoder"])
     else:
-        dit, encoder = train_pictures(pool, tokenizer, budget, dit_config, args.steps, args.batch)
+        dit, encoder = train_pictures(pool, tokenizer, budget, dit_config, args.steps, args.batch, args.one_object)
         torch.save({"dit": dit.state_dict(), "encoder": encoder.state_dict()}, checkpoint)
     results = measure(dit.eval(), vae, TextEncoder(encoder.eval(), tokenizer), args.settings.split(","),
                       args.scenes, args.out)

@@ -187,6 +187,32 @@ def test_a_vae_trained_with_the_shape_probe_keeps_it_and_loads_as_finished_witho
     assert all(torch.equal(vae.state_dict()[k], v) for k, v in state["model"].items())
 
 
+def test_the_decoder_blur_spreads_each_cell_to_its_neighbours_within_its_own_frame():
+    z = torch.zeros(1, 2, 2, 6, 6)
+    z[0, 0, 1, 2, 3] = 16.0                                  # one cell of one channel in the second frame
+    z[0, 1] = 5.0                                            # a flat code (a background) in the other channel
+    blurred = train._blur_latent(z)
+    assert blurred.shape == z.shape
+    assert torch.equal(blurred[0, 0, 1, 1:4, 2:5], torch.tensor([[1.0, 2, 1], [2, 4, 2], [1, 2, 1]]))
+    assert blurred[0, 0, 1].sum() == 16 and not blurred[0, 0, 0].any()      # nothing leaks into the other frame
+    assert torch.allclose(blurred[0, 1], torch.tensor(5.0))                  # a flat code stays as it is, edges too
+
+
+def test_the_vae_stage_decodes_blurred_latents_on_the_share_of_steps_asked_for(tmp_path, monkeypatch):
+    from dataclasses import replace
+    calls = []
+    blur = train._blur_latent
+    monkeypatch.setattr(train, "_blur_latent", lambda z: calls.append(z.shape) or blur(z))
+    quiet = lambda *a: __import__("tqdm").tqdm(disable=True)
+    (tmp_path / "off").mkdir()
+    (tmp_path / "on").mkdir()
+    train.train_vae(tmp_path / "off", replace(train.SMOKE, vae_steps=3), 0, torch.device("cpu"), quiet)
+    assert calls == []
+    train.train_vae(tmp_path / "on", replace(train.SMOKE, vae_steps=3, vae_decoder_blur=1.0), 0,
+                    torch.device("cpu"), quiet)
+    assert len(calls) == 3 and all(s[1] == train.VAE_CONFIG.z_dim for s in calls)
+
+
 def test_free_start_clips_move_the_prompts_way_from_anywhere_in_the_frame():
     from zoetrope.pipeline.world import evaluate
     rng = np.random.default_rng(5)
@@ -281,3 +307,21 @@ def test_picture_training_benchmark_trains_measures_and_remeasures_the_same(tmp_
     assert (out / "drawn.png").stat().st_size > 0
     picture_training.main(args + ["--eval-only"])       # the saved model measures the same
     assert json.loads((out / "results.json").read_text()) == first
+
+
+def test_picture_training_can_keep_to_one_object_scenes(tmp_path, monkeypatch):
+    from pathlib import Path
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import picture_training
+    from zoetrope.pipeline.tokenizer import Tokenizer
+    counts, real = [], train._flow_loss
+    monkeypatch.setattr(train, "_flow_loss", lambda dit, encoder, tokenizer, x0, scenes, *a, **k: (
+        counts.extend(len(s.objects) for s in scenes) or real(dit, encoder, tokenizer, x0, scenes, *a, **k)))
+    rng = np.random.default_rng(0)
+    pool = {"latents": [torch.randn(6, 16, 2, 4, 4)], "scenes": [world.sample_scene(rng, n) for n in (1, 2, 1, 2, 2, 1)]}
+    tokenizer = Tokenizer.from_bytes(train.train_tokenizer(tmp_path, 0, train.TEXT_CONFIG.vocab_size))
+    picture_training.train_pictures(pool, tokenizer, train.SMOKE, train.DIT_CONFIG, steps=2, batch=8, one_object=True)
+    assert len(counts) == 16 and set(counts) == {1}
+    counts.clear()
+    picture_training.train_pictures(pool, tokenizer, train.SMOKE, train.DIT_CONFIG, steps=2, batch=8)
+    assert set(counts) == {1, 2}

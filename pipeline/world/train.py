@@ -107,6 +107,7 @@ class Budget:
     shift: float = builtin.DEFAULTS["shift"]   # training's noise levels are drawn through the sampler's shift
     vae_shape_probe: float = 0.0      # weight of _shape_probe_loss in the VAE stage; off: it made the transformer
                                       # read the shape word but not draw shapes (benchmarks/picture_training.py)
+    vae_decoder_blur: float = 0.0     # share of VAE steps whose decoder reads blurred latents (_blur_latent)
     stats_clips: int = 64        # clips whose latents give the per-channel mean and std
 
 
@@ -248,9 +249,10 @@ def train_vae(work: Path, budget: Budget, seed: int, device: torch.device, progr
         batch = max(1, budget.vae_batch * 5 // max(t, 5) // (2 if whole else 1))
         video, _, maps = _clips(rng, batch, t, crop=None if whole else budget.vae_crop, shapes=probe is not None)
         video = video.to(device)
+        blur = budget.vae_decoder_blur > 0 and rng.random() < budget.vae_decoder_blur
         with _autocast(device):
             mu = vae.encode(video)
-            recon = vae.decode(mu, clamp=False).float()
+            recon = vae.decode(_blur_latent(mu) if blur else mu, clamp=False).float()
         w = _object_weight(video)
         loss = (w * (recon - video).abs()).mean() + (w * (recon - video) ** 2).mean() + 1e-4 * mu.float().pow(2).mean()
         if budget.vae_anchor > 0 and mu.shape[2] > 1:
@@ -276,6 +278,19 @@ def train_vae(work: Path, budget: Budget, seed: int, device: torch.device, progr
             last_save = time.time()
     bar.close()
     return vae.eval()
+
+
+def _blur_latent(z: torch.Tensor) -> torch.Tensor:
+    """Each latent frame of z [B, z, T, h, w] blurred in space by [1, 2, 1] x [1, 2, 1] (edges repeated).
+
+    Why: a decoder trained on exact codes draws an object's outline from its exact layout over a few cells, which
+    the transformer never draws exactly, so drawn squares and triangles came out as round blobs; one that must also
+    draw the picture from blurred codes has to read the outline from what each cell codes (with the shape probe: its
+    shape)."""
+    c = z.shape[1]
+    k = torch.tensor([1.0, 2.0, 1.0], device=z.device, dtype=z.dtype)
+    kernel = (k[:, None] * k[None, :] / 16).expand(c, 1, 1, 3, 3)
+    return F.conv3d(F.pad(z, (1, 1, 1, 1, 0, 0), mode="replicate"), kernel, groups=c)
 
 
 def _background_code(latent: torch.Tensor) -> torch.Tensor:
