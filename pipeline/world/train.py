@@ -105,10 +105,10 @@ class Budget:
     object_weight: float = 4.0   # extra loss weight on the latent positions of objects (see _latent_object_weight)
     ema: float = 0.999
     shift: float = builtin.DEFAULTS["shift"]   # training's noise levels are drawn through the sampler's shift
-    vae_shape_probe: float = 0.0      # weight of _shape_probe_loss in the VAE stage; off: it made the transformer
-                                      # read the shape word but not draw shapes (benchmarks/picture_training.py)
-    vae_decoder_blur: float = 0.0     # share of VAE steps whose decoder reads blurred latents (_blur_latent); off
-                                      # until a full run measures it (picture figures: benchmarks/picture_training.py)
+    vae_shape_probe: float = 0.0      # weight of _shape_probe_loss in the VAE stage; alone it made the transformer
+                                      # read the shape word but not draw shapes; with vae_decoder_blur it draws them
+    vae_decoder_blur: float = 0.0     # share of VAE steps whose decoder reads blurred latents (_blur_latent). Both off
+                                      # until a full run measures them (picture figures: benchmarks/picture_training.py)
     stats_clips: int = 64        # clips whose latents give the per-channel mean and std
 
 
