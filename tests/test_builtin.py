@@ -36,7 +36,7 @@ def test_training_smoke_run_writes_files_the_public_loaders_read(tmp_path):
     assert te.tokenizer.unknown_words(world.prompt(world.sample_scene(np.random.default_rng(0), 2))) == []
     # Every stage left a finished marker, so a second run resumes instead of training again.
     assert sorted(p.name for p in (tmp_path / "work").glob("*.done")) == [
-        "latents.done", "transformer.done", "vae.done"]
+        "decoder.done", "latents.done", "transformer.done", "vae.done"]
 
 
 def test_an_unfinished_stage_resumes_from_its_checkpoint(tmp_path):
@@ -325,3 +325,74 @@ def test_picture_training_can_keep_to_one_object_scenes(tmp_path, monkeypatch):
     counts.clear()
     picture_training.train_pictures(pool, tokenizer, train.SMOKE, train.DIT_CONFIG, steps=2, batch=8)
     assert set(counts) == {1, 2}
+
+
+def test_the_outline_weight_adds_most_on_an_objects_edge_cells():
+    x0 = torch.randn(1, 16, 1, 1, 1).expand(1, 16, 2, 16, 16).clone()     # a flat background latent
+    x0[0, :, 1, 4:10, 4:10] += 3.0                                         # a 6x6-cell object in frame 1 only
+    plain, outlined = train._latent_object_weight(x0, 4.0), train._latent_object_weight(x0, 4.0, outline=8.0)
+    extra = (outlined - plain)[0, 0]
+    edge = torch.zeros(2, 16, 16, dtype=torch.bool)
+    edge[1, 3:11, 3:11] = True
+    edge[1, 5:9, 5:9] = False                                              # cells beside the boundary, both sides,
+    edge[1, 3:11:7, 3:11:7] = False                                        # but not the four touching it diagonally
+    assert torch.allclose(extra[edge], torch.tensor(8.0)) and not extra[~edge].any()   # frame 0 untouched
+    assert torch.equal(train._latent_object_weight(x0, 0.0, outline=0.0), torch.ones_like(plain))
+    assert torch.allclose(train._latent_object_weight(x0, 0.0, outline=8.0), 1 + extra)
+
+
+def test_the_latent_warp_moves_layouts_but_keeps_flat_codes_and_frames_apart():
+    gen = torch.Generator().manual_seed(0)
+    z = torch.zeros(2, 3, 2, 8, 8)
+    z[:, 0, 1, 3:5, 3:5] = 1.0                               # a 2x2-cell object in the second frame
+    z[:, 1] = 4.0                                            # a flat code in another channel
+    assert torch.allclose(train._warp_latent(z, torch.zeros(2), gen), z, atol=1e-5)
+    moved = train._warp_latent(z, torch.tensor([0.0, 1.0]), gen)
+    assert torch.allclose(moved[0], z[0], atol=1e-5) and not torch.allclose(moved[1], z[1], atol=1e-2)
+    assert torch.allclose(moved[:, 1], torch.tensor(4.0)) and not moved[:, 0, 0].any()
+
+
+def test_tuning_the_decoder_leaves_the_encoder_as_it_was_and_resumes_as_finished(tmp_path):
+    quiet = lambda *a: __import__("tqdm").tqdm(disable=True)
+    vae = train.train_vae(tmp_path, train.SMOKE, 0, torch.device("cpu"), quiet)
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    tuned = train.tune_decoder(tmp_path, vae, train.SMOKE, 0, torch.device("cpu"), quiet)
+    after = tuned.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "conv1.")))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert (tmp_path / "decoder.done").exists()
+    again = train.tune_decoder(tmp_path, train.train_vae(tmp_path, train.SMOKE, 0, torch.device("cpu"), quiet),
+                               train.SMOKE, 0, torch.device("cpu"), None)      # finished: loads, no loop
+    assert all(torch.equal(v, after[k]) for k, v in again.state_dict().items())
+
+
+def test_sharpened_samples_start_from_a_blurred_latent_and_still_aim_at_the_sharp_one():
+    from dataclasses import replace
+    from types import SimpleNamespace
+    x0 = torch.zeros(6, 16, 1, 8, 8)
+    x0[:, :, :, 2:5, 3:6] = 2.0                                           # a sharp-edged object
+    seen = {}
+
+    def ideal(xt, t, context):                                            # the velocity whose clean estimate is x0
+        seen["xt"] = xt
+        s = (t[:, 0] / 1000).view(-1, 1, 1, 1, 1)
+        return (xt - x0) / s
+    class Stub:
+        config = SimpleNamespace(patch_size=(1, 2, 2))
+        __call__ = staticmethod(ideal)
+    dit = Stub()
+    encoder = lambda ids, mask: torch.zeros(*ids.shape, 8)
+    tokenizer = lambda prompts, max_length: (torch.ones(len(prompts), 3, dtype=torch.long), torch.ones(len(prompts), 3))
+    scenes = [world.sample_scene(np.random.default_rng(i), 1) for i in range(6)]
+
+    def run(share):
+        budget = replace(train.SMOKE, sharpen_share=share, uncond_share=0.0)
+        loss = train._flow_loss(dit, encoder, tokenizer, x0, scenes, np.random.default_rng(0),
+                                torch.Generator().manual_seed(3), budget, torch.device("cpu"), i2v=False)
+        return loss, seen["xt"]
+    plain_loss, plain_xt = run(0.0)
+    sharp_loss, sharp_xt = run(1.0)
+    assert plain_loss < 1e-6 and sharp_loss < 1e-6                       # both targets' clean estimate is x0
+    sigma = train._draw_sigmas(torch.Generator().manual_seed(3), train.SMOKE.shift, 6)
+    moved = (sharp_xt - plain_xt).flatten(1).abs().amax(1) > 1e-3
+    assert moved.tolist() == (sigma >= train.SHARPEN_FROM).tolist() and moved.any()
