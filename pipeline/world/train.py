@@ -198,6 +198,12 @@ def _object_weight(video: torch.Tensor) -> torch.Tensor:
     return 1 + 7 * fg
 
 
+def _reconstruction_loss(recon: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+    """The VAE's loss to a rendered clip, in train_vae and tune_decoder: L1 + L2, objects weighted (_object_weight)."""
+    w = _object_weight(video)
+    return (w * (recon - video).abs()).mean() + (w * (recon - video) ** 2).mean()
+
+
 class ShapeProbe(torch.nn.Module):
     """A linear read-out of each latent cell's shape (background, circle, square, triangle) along unit-length
     directions, so that the encoder has to move the code by a fixed distance, not just a probe grow its weights."""
@@ -266,8 +272,7 @@ def train_vae(work: Path, budget: Budget, seed: int, device: torch.device, progr
         with _autocast(device):
             mu = vae.encode(video)
             recon = vae.decode(_blur_latent(mu) if blur else mu, clamp=False).float()
-        w = _object_weight(video)
-        loss = (w * (recon - video).abs()).mean() + (w * (recon - video) ** 2).mean() + 1e-4 * mu.float().pow(2).mean()
+        loss = _reconstruction_loss(recon, video) + 1e-4 * mu.float().pow(2).mean()
         if budget.vae_anchor > 0 and mu.shape[2] > 1:
             loss = loss + budget.vae_anchor * _anchor_loss(vae, video, mu)
         probe_loss = None
@@ -396,8 +401,7 @@ def tune_decoder(work: Path, vae: WanVAE, budget: Budget, seed: int, device: tor
             mu = vae.encode(video).float()
         with _autocast(device):
             recon = vae.decode(_perturb_latent(mu, gen), clamp=False).float()
-        w = _object_weight(video)
-        loss = rec = (w * (recon - video).abs()).mean() + (w * (recon - video) ** 2).mean()
+        loss = rec = _reconstruction_loss(recon, video)
         if step >= critic_from:
             fool = -critic(recon).mean()
             g_rec = torch.autograd.grad(rec, last_layer, retain_graph=True)[0].norm()
