@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from zoetrope import cli
+from zoetrope.pipeline import builtin
 from zoetrope.pipeline import generate as gen
 from zoetrope.pipeline import load_text_encoder, load_transformer, load_vae, ops
 from zoetrope.pipeline.video_io import read_tags, read_video
@@ -397,3 +398,20 @@ def test_sharpened_samples_start_from_a_blurred_latent_and_still_aim_at_the_shar
     sigma = train._draw_sigmas(torch.Generator().manual_seed(3), train.SMOKE.shift, 6)
     moved = (sharp_xt - plain_xt).flatten(1).abs().amax(1) > 1e-3
     assert moved.tolist() == (sigma >= train.SHARPEN_FROM).tolist() and moved.any()
+
+
+@pytest.mark.skipif(not builtin.available(), reason="the shipped weights are not in pipeline/builtin")
+def test_the_shipped_model_draws_what_fresh_prompts_ask(tmp_path):
+    """The shipped weights at default settings, judged from pixels by the evaluator on prompts they never trained on
+    (a few of the report's 400; the README's table has the full figures). Bounds sit well under the measured ones so
+    that another CPU's rounding cannot flip them, and far above what random weights reach (nothing)."""
+    from zoetrope.pipeline.world import report
+    d = builtin.DEFAULTS
+    dit, vae, te = builtin.load(dtype=torch.float32)
+    summary = report.run(dit, vae, te, single=12, two=0, i2v=6, seed=777, steps=d["steps"], cfg=d["cfg"],
+                         shift=d["shift"], solver=d["solver"], out=tmp_path, image_first=builtin.IMAGE_FIRST,
+                         progress=lambda *_: None)["summary"]
+    assert summary["single_background"] == 1 and summary["single_colour"] >= 0.75, summary
+    assert summary["single_motion"] >= 0.6 and summary["i2v_motion"] >= 0.6, summary
+    assert summary["single_all"] >= 0.25, summary
+    assert (tmp_path / "contact_sheet.png").is_file()
