@@ -69,8 +69,20 @@ def write_video(frames, path: str | Path, fps: float = 16, crf: int = 19, metada
     return path
 
 
+def _imageio_ffmpeg():
+    """imageio-ffmpeg (its bundled ffmpeg binary), or an error that says how to get it: a pack cloned into
+    custom_nodes without `pip install -r requirements.txt` imports fine and would otherwise fail only at the save."""
+    try:
+        import imageio_ffmpeg
+    except ImportError as e:
+        raise ImportError("mp4 and webm need the imageio-ffmpeg package, which is not installed in this Python: run "
+                          "`pip install -r requirements.txt` in Zoetrope's folder with the Python that runs ComfyUI "
+                          "(webp and gif work without it)") from e
+    return imageio_ffmpeg
+
+
 def _ffmpeg_write(data: np.ndarray, path: Path, fmt: str, fps: float, crf: int, tags: dict):
-    import imageio_ffmpeg
+    imageio_ffmpeg = _imageio_ffmpeg()
     t, h, w, _ = data.shape
     if fmt == "mp4" and (h % 2 or w % 2):
         # yuv420p needs even sides: repeat the last row/column rather than scaling the picture.
@@ -120,8 +132,7 @@ def _exif(tags: dict) -> bytes:
 
 def read_tags(path: str | Path) -> dict:
     """The container tags of an mp4/webm (what ComfyUI reads back when the file is dropped on the page)."""
-    import imageio_ffmpeg
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(path), "-f", "ffmetadata", "-"]
+    cmd = [_imageio_ffmpeg().get_ffmpeg_exe(), "-hide_banner", "-i", str(path), "-f", "ffmetadata", "-"]
     proc = subprocess.run(cmd, capture_output=True)
     tags, key = {}, None
     for line in proc.stdout.decode("utf-8", errors="replace").splitlines()[1:]:
@@ -153,8 +164,7 @@ def read_video(path: str | Path) -> np.ndarray:
         from PIL import Image, ImageSequence
         with Image.open(path) as im:
             return np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)])
-    import imageio_ffmpeg
-    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+    reader = _imageio_ffmpeg().read_frames(str(path), pix_fmt="rgb24")
     meta = next(reader)
     w, h = meta["size"]
     frames = [np.frombuffer(f, dtype=np.uint8).reshape(h, w, 3) for f in reader]

@@ -414,6 +414,16 @@ def test_save_writes_mp4_with_prompt_and_workflow_tags(output_dir):
     assert video.shape == (9, 32, 48, 3)
 
 
+def test_save_without_imageio_ffmpeg_says_how_to_install_it_and_leaves_no_file(output_dir, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)      # as in a ComfyUI without our requirements
+    with pytest.raises(ImportError, match="pip install -r requirements.txt"):
+        ZoetropeSaveVideo().save(torch.rand(5, 16, 16, 3), 8.0, "mp4", 19, "clip")
+    assert list(output_dir.rglob("*")) == []
+    ui = ZoetropeSaveVideo().save(torch.rand(5, 16, 16, 3), 8.0, "gif", 19, "clip")["ui"]     # Pillow's formats work
+    assert (output_dir / ui["images"][0]["filename"]).is_file()
+
+
 @pytest.mark.parametrize("fmt", ["webm", "webp", "gif"])
 def test_save_other_formats(output_dir, fmt):
     from zoetrope.pipeline.video_io import read_video
