@@ -87,7 +87,8 @@ squares 0.91) but a drawn square covers 24-25 object cells against 21.5 for a tr
 code. The decoders tuned here add 4-16 points; teaching the transformer to draw and to sharpen outlines adds 22.
 The last run's command (the one before it without --sharpen-share). Their pool was encoded as first frames only,
 which changes only the latent statistics (a causal VAE codes frame 0 alone). train.tune_decoder is the critic tuning's
-form in the recipe (Budget.decoder_steps); it mixes 5-frame clips in, and is not measured here yet.
+form in the recipe (Budget.decoder_steps); it mixes 5-frame clips in, and is measured only within the recipe's
+full run (train.Budget), not alone here.
     python benchmarks/picture_training.py --work W --out R --one-object --vae-steps 2500 --vae-shape-probe 0.5 \
         --vae-decoder-blur 0.5 --shift 3 --outline-weight 8 --sharpen-share 0.3 \
         --settings unipc:20:3:4,unipc:20:3:1,unipc:20:3:2

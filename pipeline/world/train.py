@@ -411,6 +411,7 @@ def tune_decoder(work: Path, vae: WanVAE, budget: Budget, seed: int, device: tor
         with _autocast(device):
             recon = vae.decode(_perturb_latent(mu, gen), clamp=False).float()
         loss = rec = _reconstruction_loss(recon, video)
+        critic.requires_grad_(False)          # the decoder's step: no gradients for the critic, which steps below
         if step >= critic_from:
             fool = -critic(recon).mean()
             g_rec = torch.autograd.grad(rec, last_layer, retain_graph=True)[0].norm()
@@ -420,6 +421,7 @@ def tune_decoder(work: Path, vae: WanVAE, budget: Budget, seed: int, device: tor
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        critic.requires_grad_(True)
         critic_loss = F.relu(1 - critic(video)).mean() + F.relu(1 + critic(recon.detach())).mean()
         opt_critic.zero_grad(set_to_none=True)
         critic_loss.backward()
