@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+import tqdm
 
 from zoetrope import cli
 from zoetrope.pipeline import builtin
@@ -16,6 +18,11 @@ from zoetrope.pipeline import load_text_encoder, load_transformer, load_vae, ops
 from zoetrope.pipeline.video_io import read_tags, read_video
 from zoetrope.pipeline.world import scene as world
 from zoetrope.pipeline.world import train
+
+
+def quiet(*_):
+    """A progress bar that shows nothing (the stages' `progress` argument)."""
+    return tqdm.tqdm(disable=True)
 
 
 def test_training_smoke_run_writes_files_the_public_loaders_read(tmp_path):
@@ -178,9 +185,8 @@ def test_the_shape_probe_loss_rewards_a_latent_that_names_each_cells_shape():
 
 
 def test_a_vae_trained_with_the_shape_probe_keeps_it_and_loads_as_finished_without_it(tmp_path):
-    from dataclasses import replace
     budget = replace(train.SMOKE, vae_steps=2, vae_shape_probe=0.5)
-    train.train_vae(tmp_path, budget, 0, torch.device("cpu"), lambda *a: __import__("tqdm").tqdm(disable=True))
+    train.train_vae(tmp_path, budget, 0, torch.device("cpu"), quiet)
     state = torch.load(tmp_path / "vae.pt", weights_only=False)
     assert set(state["probe"]) == {"read.weight", "read.bias"}
     # A later stage (or a benchmark) asks for the finished VAE with the default budget: it loads, no optimiser.
@@ -200,11 +206,9 @@ def test_the_decoder_blur_spreads_each_cell_to_its_neighbours_within_its_own_fra
 
 
 def test_the_vae_stage_decodes_blurred_latents_on_the_share_of_steps_asked_for(tmp_path, monkeypatch):
-    from dataclasses import replace
     calls = []
     blur = train._blur_latent
     monkeypatch.setattr(train, "_blur_latent", lambda z: calls.append(z.shape) or blur(z))
-    quiet = lambda *a: __import__("tqdm").tqdm(disable=True)
     (tmp_path / "off").mkdir()
     (tmp_path / "on").mkdir()
     train.train_vae(tmp_path / "off", replace(train.SMOKE, vae_steps=3, vae_decoder_blur=0.0), 0,
@@ -355,7 +359,6 @@ def test_the_latent_warp_moves_layouts_but_keeps_flat_codes_and_frames_apart():
 
 
 def test_tuning_the_decoder_leaves_the_encoder_as_it_was_and_resumes_as_finished(tmp_path):
-    quiet = lambda *a: __import__("tqdm").tqdm(disable=True)
     vae = train.train_vae(tmp_path, train.SMOKE, 0, torch.device("cpu"), quiet)
     before = {k: v.clone() for k, v in vae.state_dict().items()}
     tuned = train.tune_decoder(tmp_path, vae, train.SMOKE, 0, torch.device("cpu"), quiet)
@@ -369,7 +372,6 @@ def test_tuning_the_decoder_leaves_the_encoder_as_it_was_and_resumes_as_finished
 
 
 def test_sharpened_samples_start_from_a_blurred_latent_and_still_aim_at_the_sharp_one():
-    from dataclasses import replace
     from types import SimpleNamespace
     x0 = torch.zeros(6, 16, 1, 8, 8)
     x0[:, :, :, 2:5, 3:6] = 2.0                                           # a sharp-edged object
