@@ -223,19 +223,21 @@ def test_free_start_clips_move_the_prompts_way_from_anywhere_in_the_frame():
     from zoetrope.pipeline.world import evaluate
     rng = np.random.default_rng(5)
     seen = {}
-    for _ in range(60):
-        scene = train._free_start(rng, world.sample_scene(rng, 1))
-        obj = scene.objects[0]
-        # Every clip is judged right by the world's evaluator: the object stays in the frame, its travel is never
-        # mistaken for standing still, and it moves the way the prompt says.
+    for i in range(240):
+        scene = train._free_start(rng, world.sample_scene(rng, 1 + i % 2))
+        # Every clip is judged right by the world's evaluator: the objects stay in the frame and apart, their travel
+        # is never mistaken for standing still, and each moves the way its words say.
         assert evaluate.score(world.render(scene), world.prompt(scene))["correct"], world.prompt(scene)
-        if obj.motion in ("moving left", "moving right"):
-            seen.setdefault(obj.motion, []).append(obj.start[0])
-    # The direction can no longer be read off the start: both directions start on both halves of the frame.
+        for obj in scene.objects:
+            if obj.motion in ("moving left", "moving right"):
+                seen.setdefault((len(scene.objects), obj.motion), []).append(obj.start[0])
+    # The direction can no longer be read off the start: both directions start on both halves of the frame, for
+    # single objects and for pairs.
+    assert len(seen) == 4
     for starts in seen.values():
         assert min(starts) < 0.4 and max(starts) > 0.6, seen
     # Scenes of the world itself keep their full travel and their side of the frame.
-    assert all(world.sample_scene(rng, 1).objects[0].travel == world.TRAVEL for _ in range(10))
+    assert all(o.travel == world.TRAVEL for _ in range(10) for o in world.sample_scene(rng, 2).objects)
 
 
 def test_the_builtin_model_draws_the_first_frame_as_a_picture_and_animates_it(builtin_model, tmp_path):

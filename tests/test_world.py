@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from zoetrope.pipeline.world import (
-    ObjectSpec, Scene, analyse, clip_batch, contact_sheet, paraphrase, parse_prompt, place_objects, prompt,
+    ObjectSpec, Scene, analyse, apart, clip_batch, contact_sheet, paraphrase, parse_prompt, place_objects, prompt,
     render, sample_scene, score, summarise, to_frames, vocabulary_words,
 )
 from zoetrope.pipeline.world import scene as world
@@ -432,3 +432,13 @@ def test_contact_sheet(tmp_path):
     assert (sheet[top:top + 128, left:left + 128] == clips[1][-1].repeat(2, 0).repeat(2, 1)).all()
     # The prompt is written beside the frames.
     assert (sheet[top:top + 128, 4 + 3 * 132:] < 128).any()
+
+
+def test_apart_tells_pairs_that_meet_during_the_clip():
+    rng = np.random.default_rng(8)
+    assert all(apart(sample_scene(rng, 2)) for _ in range(50))
+    left = ObjectSpec("red", "square", "small", "moving right", start=(0.2, 0.5))
+    right = ObjectSpec("blue", "circle", "small", "moving left", start=(0.8, 0.5))
+    assert not apart(Scene("black", (left, right)))              # they cross in the middle of the clip
+    assert apart(Scene("black", (left, replace(right, start=(0.8, 0.15), motion="standing still"))))
+    assert apart(Scene("black", (left,)))

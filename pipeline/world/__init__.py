@@ -4,5 +4,5 @@ from .evaluate import (  # noqa: F401
 )
 from .scene import (  # noqa: F401
     BACKGROUNDS, COLOURS, FPS, FRAMES, MOTIONS, SHAPES, SIZE, SIZES, TRAVEL, ObjectSpec, ParsedPrompt, Scene,
-    clip_batch, paraphrase, parse_prompt, place_objects, prompt, render, sample_scene, vocabulary_words,
+    apart, clip_batch, paraphrase, parse_prompt, place_objects, prompt, render, sample_scene, vocabulary_words,
 )

@@ -140,6 +140,13 @@ def _boxes_meet(a: ObjectSpec, b: ObjectSpec, a_start: np.ndarray, b_start: np.n
     return np.maximum(x_lo, y_lo) < np.minimum(x_hi, y_hi)
 
 
+def apart(scene: Scene) -> bool:
+    """Whether the scene's placed objects stay apart (MIN_GAP between their boxes) for the whole clip."""
+    objs = scene.objects
+    return not any(_boxes_meet(a, b, np.array([a.start]), np.array([b.start]))[0]
+                   for i, a in enumerate(objs) for b in objs[i + 1:])
+
+
 def place_objects(rng, scene: Scene, batch: int = 4096, max_batches: int = 100) -> Scene:
     """Draw random start positions for the scene's objects: inside the frame for the whole clip, never meeting.
 
