@@ -6,7 +6,8 @@ frame codes one picture and each later one four frames, and nothing in reconstru
 the same object agree across them. This script measures that, on rendered single-object clips:
 
 - reconstruction: the evaluator's verdict on the decoded clips (the ceiling for anything the model generates), and
-  per shape how much of its bounding box the decoded object fills against the rendered one;
+  per shape, moving and standing, how much of its bounding box the decoded object fills against the rendered one,
+  and for moving squares and triangles that fill frame by frame;
 - per latent frame, the size of the object's code (its departure from the clip's background code, at its peak);
 - per latent frame, the cosine between that code and the first frame's (1 = the same direction);
 - blending: the decoded average of two clips' latents against the average of their pictures. Early in sampling the
@@ -90,12 +91,27 @@ def main() -> None:
     # moves squares and triangles towards the disc's 0.79.
     print("per shape: judged right; median bounding-box fill, decoded / rendered")
     for shape in world.SHAPES:
-        picked = [(r, clip) for r, clip, s in zip(scores, rendered, scenes) if s.objects[0].shape == shape]
-        found = [r["objects"][0]["detected"].fill for r, _ in picked if r["objects"][0]["detected"] is not None]
-        if found:
-            truth = [evaluate.analyse(clip).objects[0].fill for _, clip in picked]
-            right = np.mean([r["objects"][0]["shape"] for r, _ in picked])
-            print(f"  {shape:<9}{right:5.0%} of {len(picked):3d}; fill {np.median(found):.2f} / {np.median(truth):.2f}")
+        for moving in (True, False):
+            picked = [(r, clip) for r, clip, s in zip(scores, rendered, scenes)
+                      if s.objects[0].shape == shape and (s.objects[0].motion != "standing still") == moving]
+            found = [r["objects"][0]["detected"].fill for r, _ in picked if r["objects"][0]["detected"] is not None]
+            if found:
+                truth = [evaluate.analyse(clip).objects[0].fill for _, clip in picked]
+                right = np.mean([r["objects"][0]["shape"] for r, _ in picked])
+                print(f"  {shape:<9}{'moving' if moving else 'standing':<9}{right:5.0%} of {len(picked):3d}; "
+                      f"fill {np.median(found):.2f} / {np.median(truth):.2f}")
+    # Frame by frame: the first latent frame codes one picture, each later one four frames of the motion.
+    print("moving objects' median fill by frame (decoded; rendered: square 1.00, triangle 0.55)")
+    for shape in ("square", "triangle"):
+        clips = [evaluate.to_frames(d) for d, s in zip(decoded, scenes)
+                 if s.objects[0].shape == shape and s.objects[0].motion != "standing still"]
+        if not clips:
+            continue
+        per_frame = []
+        for t in range(rendered.shape[1]):
+            found = [objects[0].fill for objects in (evaluate.analyse(c[t:t + 1]).objects for c in clips) if objects]
+            per_frame.append(np.median(found) if found else np.nan)
+        print(f"  {shape:<9}" + " ".join(f"{v:.2f}" for v in per_frame))
     print(f"object pixels, mean largest channel error (0-255): reconstruction {recon_error:.1f}, "
           f"half-and-half blend of two clips {blend_error:.1f}")
     print("latent frame                    " + " ".join(f"{f:>6d}" for f in range(size.shape[1])))
