@@ -107,9 +107,9 @@ class Budget:
     object (19% with euler_ancestral), which the animation mostly merges away.
 
     What loses the shape is this VAE's coding of motion. Rendered clips encoded and decoded keep a moving square's and
-    triangle's outline in frame 0 (median fill 0.95 / 0.59; rendered 1.0 / 0.55) and round it in every later frame
-    (0.89-0.93 / 0.65-0.73, against the evaluator's borders of 0.89 / 0.64), chunk-end frames included; standing
-    objects keep theirs. The shape is still in the code: the VAE's shape probe reads the right shape on the object's
+    triangle's outline in frame 0 (median fill 0.95-0.96 / 0.58-0.59; rendered 1.0 / 0.55) and round it in every
+    later frame (0.89-0.93 / 0.62-0.73 in two samples of 24 and 60 clips, against the evaluator's borders of
+    0.89 / 0.64), chunk-end frames included; standing objects keep theirs (benchmarks/latent_space.py). The shape is still in the code: the VAE's shape probe reads the right shape on the object's
     cells of every latent frame (48 moving clips, 100%, mean probability 0.92-0.94), and a later latent frame decoded
     alone as a picture is as round as in the clip. Clips the model draws can be no sharper: image-to-video from
     rendered first frames kept 31% of moving triangles and 61% of moving squares against 88% and 100% of standing
