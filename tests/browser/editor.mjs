@@ -53,6 +53,7 @@ try {
       module: () => import(`/extensions/${extension}/zoetrope.js`),
       nodes: (graph = app.canvas.graph) => graph.nodes,
       byType: (type, graph = app.canvas.graph) => graph.nodes.find((n) => (n.comfyClass ?? n.type) === type),
+      byId: (id, graph = app.canvas.graph) => graph.nodes.find((n) => String(n.id) === String(id)),
       // Every node in view, clear of the side bar, the tabs and the run button.
       fitView() {
         const nodes = app.canvas.graph.nodes;
@@ -99,10 +100,12 @@ try {
   }, config.extension);
 
   const inspect = () => page.evaluate(async () => (await window.__z.module()).inspectZoetrope());
-  const shot = async (name, nodeType) => {
+  // The whole page, or one node: the first of a type, or { id } for a given node.
+  const shot = async (name, node) => {
     const path = join(config.outDir, `${name}.png`);
-    if (nodeType) {
-      const clip = await page.evaluate((t) => window.__z.clip(window.__z.byType(t)), nodeType);
+    if (node) {
+      const clip = await page.evaluate((t) => window.__z.clip(t.id === undefined ? window.__z.byType(t)
+                                                                                 : window.__z.byId(t.id)), node);
       await page.screenshot({ path, clip });
     } else {
       await page.screenshot({ path });
@@ -301,7 +304,8 @@ try {
         await sleep(700);
         await page.evaluate(() => window.__z.fitView());
         midShot = await shot("comfyui_preview_mid_run");
-        await shot("comfyui_sampler_mid_run", "ZoetropeSampler");
+        // The sampler that is running (the workflow's first one may not have started yet).
+        await shot("comfyui_sampler_mid_run", { id: q.live.nodes[0] });
       }
       if (q.done || q.error) break;
       await sleep(150);
