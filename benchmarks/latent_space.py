@@ -72,7 +72,8 @@ def main() -> None:
     video = evaluate.to_video(rendered)
     z = vae.normalize(vae.encode(video))
     decoded = vae.decode(vae.denormalize(z))
-    scores = [evaluate.score(evaluate.to_frames(d), world.prompt(s)) for d, s in zip(decoded, scenes)]
+    decoded_frames = [evaluate.to_frames(d) for d in decoded]                            # uint8 [T, H, W, 3] each
+    scores = [evaluate.score(f, world.prompt(s)) for f, s in zip(decoded_frames, scenes)]
     verdict = evaluate.summarise(scores)
     # Each clip blended half and half with the next one; errors in 0-255 steps, on the pixels where either clip
     # shows an object (the backgrounds are easy and would hide the difference).
@@ -103,7 +104,7 @@ def main() -> None:
     # Frame by frame: the first latent frame codes one picture, each later one four frames of the motion.
     print("moving objects' median fill by frame (decoded; rendered: square 1.00, triangle 0.55)")
     for shape in ("square", "triangle"):
-        clips = [evaluate.to_frames(d) for d, s in zip(decoded, scenes)
+        clips = [f for f, s in zip(decoded_frames, scenes)
                  if s.objects[0].shape == shape and s.objects[0].motion != "standing still"]
         if not clips:
             continue
