@@ -106,18 +106,22 @@ class Budget:
     rendered first frames keeps it in only 68% of clips. A third of the drawn first frames hold a second copy of the
     object (19% with euler_ancestral), which the animation mostly merges away.
 
-    What loses the shape is this VAE's coding of motion. Rendered clips encoded and decoded keep a moving square's and
-    triangle's outline in frame 0 (median fill 0.95-0.96 / 0.58-0.59; rendered 1.0 / 0.55) and round it in every
-    later frame (0.89-0.93 / 0.62-0.73 in two samples of 24 and 60 clips, against the evaluator's borders of
-    0.89 / 0.64), chunk-end frames included; standing objects keep theirs (benchmarks/latent_space.py). The shape is still in the code: the VAE's shape probe reads the right shape on the object's
-    cells of every latent frame (48 moving clips, 100%, mean probability 0.92-0.94), and a later latent frame decoded
-    alone as a picture is as round as in the clip. Clips the model draws can be no sharper: image-to-video from
-    rendered first frames kept 31% of moving triangles and 61% of moving squares against 88% and 100% of standing
-    ones. Neither 300 more decoder steps on clips of 5-17 frames (exact codes, the critic, L1 alone, learning rate
-    up to 5e-4) nor 300 steps of the whole VAE with a 25x stronger anchor (vae_anchor 0.5: its distance halved)
-    changed those fills, nor a whole VAE stage with vae_anchor 0.5 from scratch (its codes steadier, cosine to frame 0
-    0.99 against 0.97, but moving triangles 38% right against 54%). One suspect is the first residual stage's shortcut (AvgDown3D), which averages pairs of frames,
-    so a moving object's code starts as a smear that the main path must undo."""
+    What loses the shape is this VAE's coding of motion. Rendered clips encoded and decoded keep a moving square's
+    and triangle's outline in frame 0 (median fill 0.95-0.96 / 0.58-0.59; rendered 1.0 / 0.55) and round it in every
+    later frame (0.89-0.93 / 0.62-0.73 in two samples of 24 and 60 clips, against the evaluator's borders of 0.89 /
+    0.64), chunk-end frames included; standing objects keep theirs (benchmarks/latent_space.py). The shape is still
+    in the code: the VAE's shape probe reads the right shape on the object's cells of every latent frame (48 moving
+    clips, 100%, mean probability 0.92-0.94), and a later latent frame decoded alone as a picture is as round as in
+    the clip. Clips the model draws can be no sharper: image-to-video from rendered first frames kept 31% of moving
+    triangles and 61% of moving squares against 88% and 100% of standing ones. Neither 300 more decoder steps on
+    clips of 5-17 frames (exact codes, the critic, L1 alone, learning rate up to 5e-4) nor 300 steps of the whole
+    VAE with a 25x stronger anchor (vae_anchor 0.5: its distance halved) changed those fills, nor two whole VAE
+    stages from scratch (2500 steps each, 60 clips, measured before the decoder tuning, which takes this VAE's
+    moving triangles from 38% right to 54%): with vae_anchor 0.5 its codes were steadier (cosine to frame 0 0.99
+    against 0.97) and moving triangles 38% right, as this one's; and an encoder whose channels double at each
+    temporal stage, as Wan 2.2's do (dim 8, dim_mult (2, 4, 4); the decoder the same), so that no residual shortcut
+    (AvgDown3D) averages pairs of frames as this one's first stage does, also 38% (later-frame fill 0.65-0.70
+    against 0.63-0.69; moving squares 100% in both, 0.91-0.94)."""
     vae_steps: int = 2500
     vae_batch: int = 12
     vae_crop: int = 32
