@@ -121,7 +121,15 @@ class Budget:
     against 0.97) and moving triangles 38% right, as this one's; and an encoder whose channels double at each
     temporal stage, as Wan 2.2's do (dim 8, dim_mult (2, 4, 4); the decoder the same), so that no residual shortcut
     (AvgDown3D) averages pairs of frames as this one's first stage does, also 38% (later-frame fill 0.65-0.70
-    against 0.63-0.69; moving squares 100% in both, 0.91-0.94)."""
+    against 0.63-0.69; moving squares 100% in both, 0.91-0.94). Twice the latent channels (z 32) did not either:
+    moving triangles 46% right (6 of 13 against 5), later-frame fill 0.64-0.69, and the decoded blend of two clips'
+    codes further from the blend of their pictures (67 against 52 steps of 255), which misleads sampling. Nor does
+    the decoder learn the outline when trained on nothing else: 300 steps on moving triangles alone (frozen encoder
+    or the whole VAE, lr 3e-4) left their later-frame fill at 0.59-0.65 against 0.61-0.67 before (24 clips; shape
+    right 54% against 50%). The regression losses barely weigh an apex of a few pixels, so a term for the
+    silhouette's extent was tried (the L1 between the decoded and rendered frames' row and column profiles of the
+    largest departure from the background): in the decoder tuning it changed nothing (moving triangles 54%, fill
+    0.61-0.67)."""
     vae_steps: int = 2500
     vae_batch: int = 12
     vae_crop: int = 32
