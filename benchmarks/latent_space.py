@@ -50,6 +50,12 @@ def object_codes(z: torch.Tensor) -> torch.Tensor:
     return torch.stack([departure[:, f].flatten(1)[:, int(i)] for f, i in enumerate(peak)])
 
 
+def median_fill(clips: list[np.ndarray], frame: int) -> float:
+    """Median bounding-box fill of the object in one frame of each clip (uint8 [T, H, W, 3]); nan if never found."""
+    found = [objects[0].fill for objects in (evaluate.analyse(c[frame:frame + 1]).objects for c in clips) if objects]
+    return float(np.median(found)) if found else float("nan")
+
+
 def channel_error(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor) -> float:
     """Mean over the pixels `where` of the largest channel difference, in 0-255 steps (frames in -1..1)."""
     return (a - b).abs().amax(dim=1, keepdim=True)[where].mean().item() * 127.5
@@ -68,6 +74,7 @@ def main() -> None:
     vae = load(args.vae)
     rng = np.random.default_rng(args.seed)
     scenes = [world.sample_scene(rng, 1) for _ in range(args.clips)]
+    moving = [s.objects[0].motion != "standing still" for s in scenes]
     rendered = np.stack([world.render(s) for s in scenes])                                # uint8 [n, T, H, W, 3]
     video = evaluate.to_video(rendered)
     z = vae.normalize(vae.encode(video))
@@ -92,27 +99,24 @@ def main() -> None:
     # moves squares and triangles towards the disc's 0.79.
     print("per shape: judged right; median bounding-box fill, decoded / rendered")
     for shape in world.SHAPES:
-        for moving in (True, False):
-            picked = [(r, clip) for r, clip, s in zip(scores, rendered, scenes)
-                      if s.objects[0].shape == shape and (s.objects[0].motion != "standing still") == moving]
+        for moves in (True, False):
+            picked = [(r, clip) for r, clip, s, m in zip(scores, rendered, scenes, moving)
+                      if s.objects[0].shape == shape and m == moves]
             found = [r["objects"][0]["detected"].fill for r, _ in picked if r["objects"][0]["detected"] is not None]
             if found:
                 truth = [evaluate.analyse(clip).objects[0].fill for _, clip in picked]
                 right = np.mean([r["objects"][0]["shape"] for r, _ in picked])
-                print(f"  {shape:<9}{'moving' if moving else 'standing':<9}{right:5.0%} of {len(picked):3d}; "
+                print(f"  {shape:<9}{'moving' if moves else 'standing':<9}{right:5.0%} of {len(picked):3d}; "
                       f"fill {np.median(found):.2f} / {np.median(truth):.2f}")
-    # Frame by frame: the first latent frame codes one picture, each later one four frames of the motion.
-    print("moving objects' median fill by frame (decoded; rendered: square 1.00, triangle 0.55)")
+    # Frame by frame: the first latent frame codes one picture, each later one several frames of the motion.
+    print("moving objects' median fill by frame, decoded / rendered (median of frames)")
     for shape in ("square", "triangle"):
-        clips = [f for f, s in zip(decoded_frames, scenes)
-                 if s.objects[0].shape == shape and s.objects[0].motion != "standing still"]
-        if not clips:
+        chosen = [i for i, s in enumerate(scenes) if s.objects[0].shape == shape and moving[i]]
+        if not chosen:
             continue
-        per_frame = []
-        for t in range(rendered.shape[1]):
-            found = [objects[0].fill for objects in (evaluate.analyse(c[t:t + 1]).objects for c in clips) if objects]
-            per_frame.append(np.median(found) if found else np.nan)
-        print(f"  {shape:<9}" + " ".join(f"{v:.2f}" for v in per_frame))
+        per_frame = [median_fill([decoded_frames[i] for i in chosen], t) for t in range(rendered.shape[1])]
+        truth = np.median([median_fill([rendered[i] for i in chosen], t) for t in range(rendered.shape[1])])
+        print(f"  {shape:<9}" + " ".join(f"{v:.2f}" for v in per_frame) + f" / {truth:.2f}")
     print(f"object pixels, mean largest channel error (0-255): reconstruction {recon_error:.1f}, "
           f"half-and-half blend of two clips {blend_error:.1f}")
     print("latent frame                    " + " ".join(f"{f:>6d}" for f in range(size.shape[1])))
