@@ -15,7 +15,7 @@ TEXT_ENCODER = FOLDER / "zoetrope_builtin_text_encoder.safetensors"
 # Recommended sampling settings (what `zoetrope evaluate` measures).
 # Training draws its noise levels through the same shift. Shift 8 rather than 3: objects are 10-15 standard deviations
 # out in the normalised latent and show through noise up to about 0.95, so the words decide only above that (figures
-# in train.Budget).
+# in docs/built-in-model-recipe.md).
 DEFAULTS = dict(frames=17, width=64, height=64, steps=20, cfg=4.0, shift=8.0, solver="unipc", fps=8)
 # Text to video first draws the clip's first frame as a picture (the same prompt and seed, one frame), then animates
 # it as image-to-video. The model is trained on pictures and pinned first frames as well as clips, and gets colour,

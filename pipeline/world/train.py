@@ -63,73 +63,18 @@ DIT_CONFIG = DiTConfig(dim=192, ffn_dim=768, num_heads=3, num_layers=6, in_dim=1
 
 @dataclass(frozen=True)
 class Budget:
-    """Steps per stage: the shipped weights' recipe (what each stage takes on a 2-core CPU: the module's docstring).
+    """Steps per stage and the recipe's settings (what each stage takes on a 2-core CPU: the module's docstring).
     --smoke runs seconds.
 
-    The VAE trains on its exact codes: with the residual stages its latent space is smooth enough that the
-    transformer's imperfect codes decode right (rendered clips' object codes shrunk 20% towards the background:
-    still 100% colour and shape as without), and noise on the codes in training only cost sharpness. The transformer
-    is what the recipe is shortest of, so its steps and learning rate count most: with an earlier VAE, 9000 steps
-    against 7000 took text-to-video motion from 31% to 54% and image-to-video motion from 64% to 79%, and a peak
-    learning rate of 1e-3 against 5e-4 motion from 54% to 69%. Free-start clips (free_start_share) and 32 pictures a
-    step against 24 (with 11 clips against 12) took text-to-video motion from 53% to 59% and the clips moving the
-    wrong way from 40% to 33% (200 prompts each), shape and the rest unchanged. Going further hurt: free starts for
-    every clip (pairs too, each object travelling 0.15-0.45 W) with object_weight 8 took text-to-video motion to 41.5%
-    (the prompt's way in half the moving clips: chance), image-to-video motion from 97% to 66% and all attributes
-    right from 18% to 11% (size up from 90.5% to 97%). With no start to read the direction from, the transformer had
-    not learnt the motion words in 6000 steps either: swapping them changed its loss by under 1%. A peak learning
-    rate of 2e-3 against 1e-3 (nothing else changed) ran about 3% lower in training loss up to mid-run but took
-    text-to-video motion from 59% to 30.5%, image-to-video motion from 97% to 64% and all attributes right from 18%
-    to 7%. Shape is at chance (33%) in both: drawn pictures mostly come out round (the shipped recipe's: squares 21%
-    right, triangles 27%), although the VAE keeps every shape and the transformer's one-step estimate from noise 0.5
-    keeps 86% and 64% of them (benchmarks/transformer_probe.py, pictures): the shape is lost along the sampling path.
-    The noise levels drawn follow the sampler's shift (builtin.DEFAULTS): shift 8 against 3 took text-to-video motion
-    from 59% to 92% (the wrong way from 33% to 3.5%), image-to-video motion to 100% and all right to 29.5%
-    (200/100/100 prompts). In the probe, swapping the motion word raised the loss at noise 0.9 by 24% against 6.5%,
-    and clips drawn from the same noise with opposite directions went the same way in 3% of right/left pairs against
-    84%. Shape stayed at chance (36%), two-object clips at 2%. Picture-only runs (benchmarks/picture_training.py) show
-    drawn pictures' outlines ragged (every shape's fill about 0.66) whatever the training shift (1, 3, 8), the
-    sampling settings or a patch of 1: neither lever fixes shape. On a VAE with the shape probe and the decoder blur,
-    picture runs drew 40% / 60% of shapes right (guidance 4 / 1); weighting objects' outlines (outline_weight 8) and
-    teaching the transformer to sharpen blurred layouts (sharpen_share 0.3) took that to 62% / 81%, squares from
-    3% / 7% to 45% / 48%; tuning the decoder against a critic (decoder_steps; measured in a scratch form) added
-    4-16 points on its own. The full run of this recipe (all of them on: shape probe and decoder blur 0.5 over 2500
-    VAE steps, decoder_steps 1200, outline_weight 8, sharpen_share 0.3, 4000 transformer steps; 2 h 56 min in fp32)
-    drew 57.5% of single-object shapes right against the shift-8 run's 36%, all attributes right 46.5% against
-    29.5%, text-to-video motion 78% against 92% (the wrong way 9%), image-to-video motion 99%, colour 100%, size
-    99.5%, background 100% (200/100/100 prompts at the defaults). Two-object clips stayed at 2%: both objects are
-    drawn in 90% of them, but each object moves as its own words say in 35% of cases, no better than chance over the
-    five motions, and a stray third region persists in 64% of clips. The transformer does not bind a motion to its
-    object. Guidance 2 against 4 traded motion for shape (shape 66.5%, motion 67%, all right 44.5%), euler_ancestral
-    against unipc changed little (61%, 74%, 48.5%). Shape is lost in the animation, not in the picture: the first
-    frames drawn alone have the prompt's shape in 92% of 64 prompts (98% at guidance 1), and image-to-video from
-    rendered first frames keeps it in only 68% of clips. A third of the drawn first frames hold a second copy of the
-    object (19% with euler_ancestral), which the animation mostly merges away.
-
-    What loses the shape is this VAE's coding of motion. Rendered clips encoded and decoded keep a moving square's
-    and triangle's outline in frame 0 (median fill 0.95-0.96 / 0.58-0.59; rendered 1.0 / 0.55) and round it in every
-    later frame (0.89-0.93 / 0.62-0.73 in two samples of 24 and 60 clips, against the evaluator's borders of 0.89 /
-    0.64), chunk-end frames included; standing objects keep theirs (benchmarks/latent_space.py). The shape is still
-    in the code: the VAE's shape probe reads the right shape on the object's cells of every latent frame (48 moving
-    clips, 100%, mean probability 0.92-0.94), and a later latent frame decoded alone as a picture is as round as in
-    the clip. Clips the model draws can be no sharper: image-to-video from rendered first frames kept 31% of moving
-    triangles and 61% of moving squares against 88% and 100% of standing ones. Neither 300 more decoder steps on
-    clips of 5-17 frames (exact codes, the critic, L1 alone, learning rate up to 5e-4) nor 300 steps of the whole
-    VAE with a 25x stronger anchor (vae_anchor 0.5: its distance halved) changed those fills, nor two whole VAE
-    stages from scratch (2500 steps each, 60 clips, measured before the decoder tuning, which takes this VAE's
-    moving triangles from 38% right to 54%): with vae_anchor 0.5 its codes were steadier (cosine to frame 0 0.99
-    against 0.97) and moving triangles 38% right, as this one's; and an encoder whose channels double at each
-    temporal stage, as Wan 2.2's do (dim 8, dim_mult (2, 4, 4); the decoder the same), so that no residual shortcut
-    (AvgDown3D) averages pairs of frames as this one's first stage does, also 38% (later-frame fill 0.65-0.70
-    against 0.63-0.69; moving squares 100% in both, 0.91-0.94). Twice the latent channels (z 32) did not either:
-    moving triangles 46% right (6 of 13 against 5), later-frame fill 0.64-0.69, and the decoded blend of two clips'
-    codes further from the blend of their pictures (67 against 52 steps of 255), which misleads sampling. Nor does
-    the decoder learn the outline when trained on nothing else: 300 steps on moving triangles alone (frozen encoder
-    or the whole VAE, lr 3e-4) left their later-frame fill at 0.59-0.65 against 0.61-0.67 before (24 clips; shape
-    right 54% against 50%). The regression losses barely weigh an apex of a few pixels, so a term for the
-    silhouette's extent was tried (the L1 between the decoded and rendered frames' row and column profiles of the
-    largest departure from the background): in the decoder tuning it changed nothing (moving triangles 54%, fill
-    0.61-0.67)."""
+    Every setting here was measured against its alternatives; docs/built-in-model-recipe.md has the figures,
+    including what did not help. In short: the transformer is what the budget is shortest of, so its steps and
+    learning rate count most (1e-3; 2e-3 reached a lower loss but drew worse clips). Training's noise levels follow
+    the sampler's shift 8, which made the motion words decide (text-to-video motion 59% to 92%). Half the pool starts
+    its objects anywhere, so the words are the only cue to the direction. Shape is what the recipe is weakest at:
+    the shape probe, the decoder blur and tuning, the outline weight and sharpening lifted single-object shapes from
+    36% to 57.5%, and what still rounds moving shapes is the VAE's coding of motion and the animation. The VAE
+    trains on its exact codes: with the residual stages its latent space is smooth enough that the transformer's
+    imperfect codes decode right, and noise on the codes in training only cost sharpness."""
     vae_steps: int = 2500
     vae_batch: int = 12
     vae_crop: int = 32
