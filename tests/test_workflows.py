@@ -56,6 +56,15 @@ def test_workflow_is_valid_and_documented(path):
     runner.ui_to_api(workflow)                    # every node is known, every widget slot accounted for
 
 
+def test_the_text_to_video_note_quotes_the_built_in_models_settings():
+    """The Note tells users what the sampler's 0 / auto widgets stand for: it must follow builtin.DEFAULTS."""
+    from zoetrope.pipeline.builtin import DEFAULTS as d
+    (note,) = nodes_of(load("zoetrope_text_to_video.json"), "Note")
+    text = note["widgets_values"][0].lower()
+    assert f"({d['steps']} steps, cfg {d['cfg']:g}, shift {d['shift']:g}, {d['solver']})" in text
+    assert f"{d['width']}x{d['height']}, {d['frames']} frames at {d['fps']} fps" in text
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_nodes_do_not_overlap_in_the_editor(path):
     title = 30                                    # the editor draws the title bar above pos
