@@ -24,7 +24,8 @@ def _generate(argv) -> int:
     ap.add_argument("--width", type=int, default=None)
     ap.add_argument("--height", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None, help="default: the model's recommendation")
-    ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
+    ap.add_argument("--cfg", type=float, default=None,
+                    help="guidance scale (default: the model's; the built-in model's first-frame picture keeps its own)")
     ap.add_argument("--shift", type=float, default=None, help="flow shift of the sigma schedule")
     ap.add_argument("--solver", choices=("unipc", "euler", "euler_ancestral"), default=None)
     ap.add_argument("--fps", type=float, default=None)
@@ -79,8 +80,9 @@ def _generate(argv) -> int:
 
 def text_to_video_graph(args, fmt: str) -> dict:
     """The API-format graph of the built-in text-to-video workflow (image-to-video with --image; with
-    args.image_first, the built-in model's default, a first sampler draws the start picture), filled in from the
-    command line. 0 / "auto" widgets take the model's recommended settings."""
+    args.image_first, the built-in model's default, a first sampler draws the start picture, with the built-in
+    model's picture settings), filled in from the command line. 0 / "auto" widgets take the model's recommended
+    settings."""
     from .pipeline.builtin import DEFAULTS
 
     def pick(value, default):
@@ -123,6 +125,9 @@ def text_to_video_graph(args, fmt: str) -> dict:
         # The same prompt and seed drawn as a one-frame clip (a picture), whose latent is the clip's first frame.
         g["12"] = {"class_type": "ZoetropeVideoNoise", "inputs": {**g["6"]["inputs"], "frames": 1}}
         g["13"] = {"class_type": "ZoetropeSampler", "inputs": {**g["7"]["inputs"], "latent": ["12", 0]}}
+        if builtin:     # the built-in model's picture settings (builtin.PICTURE); --cfg and --solver are the clip's
+            from .pipeline.builtin import PICTURE
+            g["13"]["inputs"].update(cfg=PICTURE["cfg"], solver=PICTURE["solver"])
         g["7"]["inputs"]["first_frame"] = ["13", 0]
     return g
 

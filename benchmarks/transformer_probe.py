@@ -114,7 +114,8 @@ def directions(dit, vae, te, scenes, seed: int) -> None:
     for one, other in (("moving right", "moving left"), ("moving down", "moving up")):
         pair = [[world.prompt(dataclasses.replace(s, objects=(dataclasses.replace(s.objects[0], motion=m),)))
                  for s in scenes] for m in (one, other)]
-        clips = [report.generate_clips(dit, vae, te, prompts, None, seed=seed, image_first=True, **SETTINGS)
+        clips = [report.generate_clips(dit, vae, te, prompts, None, seed=seed, image_first=True,
+                                       picture=builtin.PICTURE, **SETTINGS)
                  for prompts in pair]
         verdicts = [[evaluate.score(c, p)["objects"][0] for c, p in zip(cs, ps)] for cs, ps in zip(clips, pair)]
         both = np.mean([a["motion"] and b["motion"] for a, b in zip(*verdicts)])

@@ -251,6 +251,15 @@ def test_the_builtin_model_draws_the_first_frame_as_a_picture_and_animates_it(bu
     picture = samplers[clip["first_frame"][0]]
     noise = graph[picture["latent"][0]]["inputs"]
     assert noise["frames"] == 1 and noise["seed"] == 5 and picture["positive"] == clip["positive"]
+    # The picture is drawn with the built-in model's picture settings; --cfg and --solver are the clip's.
+    assert (picture["cfg"], picture["solver"]) == (builtin.PICTURE["cfg"], builtin.PICTURE["solver"])
+    assert (clip["cfg"], clip["solver"]) == (0.0, "auto")
+    guided = tmp_path / "guided.mp4"
+    assert cli.main(["generate", prompt, "-o", str(guided), "--steps", "2", "--cfg", "3", "--solver", "euler"]) == 0
+    samplers = [n["inputs"] for n in json.loads(read_tags(guided)["prompt"]).values()
+                if n["class_type"] == "ZoetropeSampler"]
+    assert sorted((s["cfg"], s["solver"]) for s in samplers) == sorted(
+        [(3.0, "euler"), (builtin.PICTURE["cfg"], builtin.PICTURE["solver"])])
     # --no-image-first samples the clip in one go; --image gives the first frame, so it cannot be drawn too.
     single = tmp_path / "single.mp4"
     assert cli.main(["generate", prompt, "-o", str(single), "--steps", "2", "--no-image-first"]) == 0
@@ -266,10 +275,11 @@ def test_the_builtin_model_draws_the_first_frame_as_a_picture_and_animates_it(bu
     vae = load_vae(builtin_model / "zoetrope_builtin_vae.safetensors")
     te = load_text_encoder(builtin_model / "zoetrope_builtin_text_encoder.safetensors")
     settings = dict(seed=5, steps=2, cfg=4.0, shift=3.0, solver="unipc")
-    clips = report.generate_clips(dit, vae, te, [prompt], None, image_first=True, **settings)
+    clips = report.generate_clips(dit, vae, te, [prompt], None, image_first=True, picture=builtin.PICTURE,
+                                  **settings)
     with torch.no_grad():
         noise = gen.seeded_noise((1, *gen.plan(vae, 1, 64, 64).latent_shape), 5)
-        x = gen.sample(dit, noise, te.encode([prompt]), te.encode([""]), **settings)
+        x = gen.sample(dit, noise, te.encode([prompt]), te.encode([""]), **{**settings, **builtin.PICTURE})
         alone = evaluate.to_frames(vae.decode(vae.denormalize(x))[0])
     assert np.abs(clips[0, 0].astype(int) - alone[0].astype(int)).max() <= 1
     plain = report.generate_clips(dit, vae, te, [prompt], None, **settings)
@@ -414,6 +424,7 @@ def test_the_shipped_model_draws_what_fresh_prompts_ask(tmp_path):
     dit, vae, te = builtin.load(dtype=torch.float32)
     summary = report.run(dit, vae, te, single=12, two=0, i2v=6, seed=777, steps=d["steps"], cfg=d["cfg"],
                          shift=d["shift"], solver=d["solver"], out=tmp_path, image_first=builtin.IMAGE_FIRST,
+                         picture=builtin.PICTURE,
                          progress=lambda *_: None)["summary"]
     assert summary["single_background"] == 1 and summary["single_colour"] >= 0.75, summary
     assert summary["single_motion"] >= 0.6 and summary["i2v_motion"] >= 0.6, summary

@@ -56,13 +56,19 @@ def test_workflow_is_valid_and_documented(path):
     runner.ui_to_api(workflow)                    # every node is known, every widget slot accounted for
 
 
-def test_the_text_to_video_note_quotes_the_built_in_models_settings():
-    """The Note tells users what the sampler's 0 / auto widgets stand for: it must follow builtin.DEFAULTS."""
-    from zoetrope.pipeline.builtin import DEFAULTS as d
-    (note,) = nodes_of(load("zoetrope_text_to_video.json"), "Note")
+def test_the_text_to_video_workflow_follows_the_built_in_models_settings():
+    """The Note tells users what the sampler's 0 / auto widgets stand for (builtin.DEFAULTS), and the picture
+    sampler draws with builtin.PICTURE, as `zoetrope generate` does."""
+    from zoetrope.pipeline.builtin import DEFAULTS as d, PICTURE
+    workflow = load("zoetrope_text_to_video.json")
+    (note,) = nodes_of(workflow, "Note")
     text = note["widgets_values"][0].lower()
     assert f"({d['steps']} steps, cfg {d['cfg']:g}, shift {d['shift']:g}, {d['solver']})" in text
     assert f"{d['width']}x{d['height']}, {d['frames']} frames at {d['fps']} fps" in text
+    (picture,) = [n for n in nodes_of(workflow, "ZoetropeSampler") if n.get("title") == "First frame (picture)"]
+    steps, cfg, shift, solver, denoise = picture["widgets_values"]
+    assert (cfg, solver) == (PICTURE["cfg"], PICTURE["solver"]) and (steps, shift, denoise) == (0, 0.0, 1.0)
+    assert f"{PICTURE['solver'].replace('_', ' ')} at cfg {PICTURE['cfg']:g}" in text
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)

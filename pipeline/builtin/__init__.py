@@ -21,11 +21,12 @@ DEFAULTS = dict(frames=17, width=64, height=64, steps=20, cfg=4.0, shift=8.0, so
 # it as image-to-video. The model is trained on pictures and pinned first frames as well as clips, and gets colour,
 # size and motion right more often this way (72 prompts: colour 92% vs 81%, size 89% vs 74%, motion 81% vs 65%).
 # `zoetrope generate`, the evaluator and the text-to-video workflow all do it; `--no-image-first` turns it off.
-# Pairs come out with a stray copy of one object from that picture step. Drawing the picture with euler_ancestral at
-# cfg 2 (the clip as before) left 56% of 64 two-object clips free of extra objects against 33% (without the picture
-# step: 25%), and over 200 single-object and 100 two-object prompts scored all right 46.5% / 6% against 46.5% / 2%
-# (shape 59% against 57.5%). A candidate for the shipped defaults, to be measured again on the weights that ship.
 IMAGE_FIRST = True
+# The picture is drawn with its own sampler settings (the clip keeps DEFAULTS'). Drawn with the clip's (UniPC, cfg 4),
+# two-object pictures often hold a stray copy of one object, which the clip then carries. With Euler ancestral at
+# cfg 2, 56% of 64 two-object clips were free of extra objects against 33% (without the picture step: 25%), and 200
+# single-object and 100 two-object prompts scored all right 46.5% / 6% against 46.5% / 2% (shape 59% against 57.5%).
+PICTURE = dict(solver="euler_ancestral", cfg=2.0)
 
 
 def available() -> bool:

@@ -28,10 +28,12 @@ def _batches(items: list, size: int):
 
 @torch.no_grad()
 def generate_clips(dit, vae, te, prompts: list[str], first_frames: np.ndarray | None, *, seed: int, steps: int,
-                   cfg: float, shift: float, solver: str, batch: int = 16, image_first: bool = False) -> np.ndarray:
+                   cfg: float, shift: float, solver: str, batch: int = 16, image_first: bool = False,
+                   picture: dict | None = None) -> np.ndarray:
     """Clips for many prompts, `batch` at a time: uint8 [N, T, H, W, 3]. first_frames: uint8 [N, H, W, 3].
     image_first (text-to-video only): draw each first frame as a one-frame clip, then continue it, as
-    `zoetrope generate` does for the built-in model (builtin.IMAGE_FIRST)."""
+    `zoetrope generate` does for the built-in model (builtin.IMAGE_FIRST); `picture` overrides the clip's sampler
+    settings for that first frame (builtin.PICTURE: solver and cfg)."""
     p = plan(vae, world.FRAMES, world.SIZE, world.SIZE, patch=dit.config.patch_size)
     picture_shape = plan(vae, 1, world.SIZE, world.SIZE, patch=dit.config.patch_size).latent_shape
     device = next(dit.parameters()).device
@@ -39,7 +41,7 @@ def generate_clips(dit, vae, te, prompts: list[str], first_frames: np.ndarray | 
     out = []
     for start, chunk in _batches(prompts, batch):
         cond = [e.to(device) for e in te.encode(chunk)]
-        uncond = [empty] * len(chunk) if sampling.needs_uncond(cfg) else None
+        uncond = [empty] * len(chunk)       # the sampler runs it only where the guidance needs it
         noise = seeded_noise((len(chunk), *p.latent_shape), seed + start).to(device)
         first = None
         if first_frames is not None:
@@ -48,8 +50,9 @@ def generate_clips(dit, vae, te, prompts: list[str], first_frames: np.ndarray | 
             first = vae.normalize(vae.encode(video.to(device)).float())
         settings = dict(steps=steps, cfg=cfg, shift=shift, solver=solver, seed=seed + start)
         if first_frames is None and image_first:
+            drawn = {**settings, **(picture or {})}
             first = sample(dit, seeded_noise((len(chunk), *picture_shape), seed + start).to(device), cond, uncond,
-                           **settings)
+                           **drawn)
         x = sample(dit, noise, cond, uncond, first_latent=first, **settings)
         video = vae.decode(vae.denormalize(x))
         out.extend(evaluate.to_frames(v) for v in video)
@@ -57,7 +60,8 @@ def generate_clips(dit, vae, te, prompts: list[str], first_frames: np.ndarray | 
 
 
 def run(dit, vae, te, *, single: int, two: int, i2v: int, seed: int, steps: int, cfg: float, shift: float,
-        solver: str, out: Path, image_first: bool, batch: int = 16, progress=print) -> dict:
+        solver: str, out: Path, image_first: bool, picture: dict | None = None, batch: int = 16,
+        progress=print) -> dict:
     rng = np.random.default_rng(seed)
     cases = ([("single", world.sample_scene(rng, 1)) for _ in range(single)]
              + [("two", world.sample_scene(rng, 2)) for _ in range(two)]
@@ -71,7 +75,7 @@ def run(dit, vae, te, *, single: int, two: int, i2v: int, seed: int, steps: int,
         prompts = [world.prompt(s) for s in scenes]
         firsts = np.stack([world.render(s, world.SIZE, 1)[0] for s in scenes]) if kind == "i2v" else None
         made = generate_clips(dit, vae, te, prompts, firsts, seed=seed + len(results), steps=steps, cfg=cfg,
-                              shift=shift, solver=solver, batch=batch, image_first=image_first)
+                              shift=shift, solver=solver, batch=batch, image_first=image_first, picture=picture)
         for prompt, clip in zip(prompts, made):
             s = evaluate.score(clip, prompt, image_to_video=kind == "i2v")
             s.pop("detections")
@@ -80,7 +84,7 @@ def run(dit, vae, te, *, single: int, two: int, i2v: int, seed: int, steps: int,
         progress(f"{kind}: {len(scenes)} clips scored ({time.time() - t0:.0f} s)")
     summary = evaluate.summarise(results)
     report = {"settings": dict(seed=seed, steps=steps, cfg=cfg, shift=shift, solver=solver, single=single, two=two,
-                               i2v=i2v, image_first=image_first),
+                               i2v=i2v, image_first=image_first, picture=picture if image_first else None),
               "summary": summary, "seconds": round(time.time() - t0, 1), "clips": results}
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
@@ -117,6 +121,10 @@ def main(argv=None) -> int:
     ap.add_argument("--image-first", action=argparse.BooleanOptionalAction, default=builtin.IMAGE_FIRST,
                     help="text-to-video draws each first frame as a picture, then animates it (as generate does; "
                          "default %(default)s)")
+    ap.add_argument("--picture-solver", default=builtin.PICTURE["solver"], choices=sorted(sampling.SOLVERS),
+                    help="the first-frame picture's solver, with --image-first (default %(default)s)")
+    ap.add_argument("--picture-cfg", type=float, default=builtin.PICTURE["cfg"],
+                    help="the first-frame picture's guidance, with --image-first (default %(default)s)")
     ap.add_argument("--model", default=str(builtin.TRANSFORMER))
     ap.add_argument("--vae", default=str(builtin.VAE))
     ap.add_argument("--text-encoder", default=str(builtin.TEXT_ENCODER))
@@ -126,7 +134,8 @@ def main(argv=None) -> int:
     dit, vae = load_transformer(args.model, dtype=dtype), load_vae(args.vae, dtype=dtype)
     te = load_text_encoder(args.text_encoder, dtype=dtype)
     report = run(dit, vae, te, single=args.single, two=args.two, i2v=args.i2v, seed=args.seed, steps=args.steps,
-                 cfg=args.cfg, shift=args.shift, solver=args.solver, out=Path(args.out), image_first=args.image_first)
+                 cfg=args.cfg, shift=args.shift, solver=args.solver, out=Path(args.out), image_first=args.image_first,
+                 picture=dict(solver=args.picture_solver, cfg=args.picture_cfg))
     print(json.dumps(report["summary"], indent=1))
     print(f"report and contact sheet in {args.out}/ ({report['seconds']} s)")
     return 0
