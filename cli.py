@@ -25,7 +25,7 @@ def _generate(argv) -> int:
     ap.add_argument("--height", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None, help="default: the model's recommendation")
     ap.add_argument("--cfg", type=float, default=None,
-                    help="guidance scale (default: the model's; the built-in model's first-frame picture keeps its own)")
+                    help="guidance scale (default: the model's; the built-in model's first-frame picture has its own)")
     ap.add_argument("--shift", type=float, default=None, help="flow shift of the sigma schedule")
     ap.add_argument("--solver", choices=("unipc", "euler", "euler_ancestral"), default=None)
     ap.add_argument("--fps", type=float, default=None)
