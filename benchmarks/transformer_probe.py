@@ -20,11 +20,18 @@ what decides the next change to its training:
   shape, how often the evaluator names it right and the object's bounding-box fill (square 1, circle 0.79, triangle
   0.5). A shape kept by the VAE and by the one-step estimates but lost in drawn pictures is lost along the sampling
   path, not in decoding or in denoising from a known layout.
+- shape codes (with --vae-checkpoint, the VAE stage's checkpoint, which holds its shape probe): text-to-video clips
+  of the moving scenes as `zoetrope generate` makes them, and the same scenes rendered and encoded. Per shape, the
+  share of latent frames whose code names the prompted shape (the probe averaged over the cells it reads as object),
+  and how often the evaluator names it from the decoded pixels. A code drawn right and decoded wrong is lost in the
+  decoder.
 
     python benchmarks/transformer_probe.py                        # the model in pipeline/builtin
-    python benchmarks/transformer_probe.py --folder EXPORT --clips 48
+    python benchmarks/transformer_probe.py --folder EXPORT --clips 48 --vae-checkpoint WORK/vae.pt
+    python benchmarks/transformer_probe.py --folder EXPORT --clips 96 --vae-checkpoint WORK/vae.pt --only shape-codes
 
-EXPORT is a folder with the three files that `zoetrope train-builtin --only export --out EXPORT` writes.
+EXPORT is a folder with the three files that `zoetrope train-builtin --only export --out EXPORT` writes, WORK the
+folder of its checkpoints.
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ from zoetrope.pipeline.world import evaluate, scene as world
 
 ATTRIBUTES = {"colour": world.COLOURS, "shape": world.SHAPES, "size": world.SIZES, "motion": world.MOTIONS}
 SETTINGS = {k: builtin.DEFAULTS[k] for k in ("steps", "cfg", "shift", "solver")}     # what `zoetrope generate` uses
+PROBES = ("words", "image-to-video", "directions", "pictures", "shape-codes")
 
 
 def load(folder: Path):
@@ -155,6 +163,40 @@ def pictures(dit, vae, te, x0, scenes, levels, seed: int) -> None:
     report("drawn from noise", drawn)
 
 
+@torch.no_grad()
+def shape_codes(dit, vae, te, x0, scenes, probe, seed: int) -> None:
+    from zoetrope.pipeline.world import report
+    moving = [i for i, s in enumerate(scenes) if s.objects[0].motion != "standing still"]
+    prompts = [world.prompt(scenes[i]) for i in moving]
+    drawn: list[torch.Tensor] = []
+    clips = report.generate_clips(dit, vae, te, prompts, None, seed=seed, image_first=builtin.IMAGE_FIRST,
+                                  picture=builtin.PICTURE, latents=drawn, **SETTINGS)
+
+    def named_right(latents: torch.Tensor) -> list[list[bool]]:
+        """Per clip, per latent frame: whether the probe, averaged over its object cells, names the prompt's shape."""
+        p = probe(vae.denormalize(latents).float()).softmax(1)              # [n, 1 + shapes, T', h, w]
+        out = []
+        for clip, i in zip(p, moving):
+            want = world.SHAPES.index(scenes[i].objects[0].shape)
+            frames = []
+            for t in range(clip.shape[1]):
+                cells = clip[0, t] < 0.5                                     # cells read as object
+                frames.append(bool(cells.any()) and int(clip[1:, t][:, cells].mean(1).argmax()) == want)
+            out.append(frames)
+        return out
+
+    codes = {"drawn": named_right(torch.cat(drawn)), "rendered": named_right(x0[moving])}
+    pixels = [bool(evaluate.score(c, p)["objects"][0]["shape"]) for c, p in zip(clips, prompts)]
+    print("shape codes of moving objects: latent frames whose code names the prompt's shape, drawn / rendered; "
+          "decoded pixels judged right")
+    for shape in world.SHAPES:
+        idx = [k for k, i in enumerate(moving) if scenes[i].objects[0].shape == shape]
+        if idx:
+            share = {k: np.mean([v for j in idx for v in codes[k][j]]) for k in codes}
+            print(f"  {shape:<9} {len(idx):3d} clips  codes {share['drawn']:4.0%} / {share['rendered']:4.0%}  "
+                  f"pixels {np.mean([pixels[j] for j in idx]):4.0%}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--folder", type=Path, default=builtin.FOLDER, help="the three files of a built-in model")
@@ -162,20 +204,40 @@ def main(argv=None) -> None:
     ap.add_argument("--levels", default="0.1,0.3,0.5,0.7,0.9,0.95,1.0", help="noise levels, comma-separated")
     ap.add_argument("--seed", type=int, default=11, help="seeds the scenes, the swaps and the noise")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    ap.add_argument("--vae-checkpoint", type=Path, default=None,
+                    help="the VAE stage's checkpoint (WORK/vae.pt of train-builtin): adds the shape-code probe")
+    ap.add_argument("--only", default=",".join(PROBES), help="probes to run, comma-separated: " + ", ".join(PROBES))
     args = ap.parse_args(argv)
+    only = set(args.only.split(","))
+    if only - set(PROBES):
+        ap.error(f"unknown probe {', '.join(sorted(only - set(PROBES)))}; the probes are {', '.join(PROBES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     dit, vae, te = load(args.folder)
+    probe = None
+    if args.vae_checkpoint is not None:
+        from zoetrope.pipeline.world import train
+        state = torch.load(args.vae_checkpoint, weights_only=False)
+        if "probe" not in state:
+            raise SystemExit(f"{args.vae_checkpoint} holds no shape probe (trained with vae_shape_probe 0?)")
+        probe = train.ShapeProbe(vae.z_dim)
+        probe.load_state_dict(state["probe"])
     rng = np.random.default_rng(args.seed)
     scenes = [world.sample_scene(rng, 1) for _ in range(args.clips)]
     video = evaluate.to_video(np.stack([world.render(s) for s in scenes]))
     with torch.no_grad():
         x0 = vae.normalize(vae.encode(video))
     levels = [float(v) for v in args.levels.split(",")]
-    word_use(dit, te, x0, scenes, levels, args.seed)
-    image_to_video(dit, vae, te, x0, scenes, levels, args.seed)
-    directions(dit, vae, te, scenes, args.seed)
-    pictures(dit, vae, te, x0, scenes, levels, args.seed)
+    if "words" in only:
+        word_use(dit, te, x0, scenes, levels, args.seed)
+    if "image-to-video" in only:
+        image_to_video(dit, vae, te, x0, scenes, levels, args.seed)
+    if "directions" in only:
+        directions(dit, vae, te, scenes, args.seed)
+    if "pictures" in only:
+        pictures(dit, vae, te, x0, scenes, levels, args.seed)
+    if "shape-codes" in only and probe is not None:
+        shape_codes(dit, vae, te, x0, scenes, probe, args.seed)
 
 
 if __name__ == "__main__":

@@ -286,21 +286,42 @@ def test_the_builtin_model_draws_the_first_frame_as_a_picture_and_animates_it(bu
     assert np.abs(plain[0, 0].astype(int) - alone[0].astype(int)).max() > 1
 
 
-def test_transformer_probe_reports_word_use_travel_and_picture_shapes(builtin_model_dir, capsys, monkeypatch,
-                                                                     tmp_path):
+def test_transformer_probe_reports_word_use_travel_pictures_and_shape_codes(builtin_model_dir, capsys,
+                                                                           monkeypatch, tmp_path):
     from pathlib import Path
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import transformer_probe
-    transformer_probe.main(["--folder", str(builtin_model_dir), "--clips", "3", "--levels", "0.5,1.0"])
+    # A shape probe that reads every latent cell as a triangle, saved as the VAE stage saves its checkpoint.
+    probe = train.ShapeProbe(16)
+    with torch.no_grad():
+        probe.read.weight.zero_()
+        probe.read.bias.copy_(torch.tensor([-9.0, -9.0, -9.0, 9.0]))
+    torch.save({"probe": probe.state_dict()}, tmp_path / "vae.pt")
+    transformer_probe.main(["--folder", str(builtin_model_dir), "--clips", "3", "--levels", "0.5,1.0",
+                            "--vae-checkpoint", str(tmp_path / "vae.pt")])
     out = capsys.readouterr().out
     words = [line for line in out.splitlines() if line.strip().startswith("noise") and "loss" in line]
     travel = [line for line in out.splitlines() if line.strip().startswith("noise") and "/" in line]
     assert len(words) == 2 and all(a in words[0] for a in ("colour", "shape", "size", "motion"))
     assert len(travel) == 2
-    pictures = out.split("pictures:")[1].splitlines()[1:]
+    pictures = out.split("pictures:")[1].split("shape codes")[0].splitlines()[1:]
     assert [line.split("  ")[1].strip() for line in pictures] == [
         "VAE round trip", "one step from 0.50", "one step from 1.00", "drawn from noise"]
     assert all("fill" in line and "%" in line for line in pictures)
+    # The seed's three scenes move: two triangles and a circle. Every latent frame's code reads as a triangle.
+    codes = out.split("shape codes")[1].splitlines()[1:]
+    assert [line.split()[:2] for line in codes] == [["circle", "1"], ["triangle", "2"]]
+    assert "codes   0% /   0%" in codes[0] and "codes 100% / 100%" in codes[1]
+    torch.save({"model": {}}, tmp_path / "no_probe.pt")
+    with pytest.raises(SystemExit, match="no shape probe"):
+        transformer_probe.main(["--folder", str(builtin_model_dir), "--clips", "1", "--levels", "1.0",
+                                "--vae-checkpoint", str(tmp_path / "no_probe.pt")])
+    # --only runs the probes named.
+    transformer_probe.main(["--folder", str(builtin_model_dir), "--clips", "2", "--levels", "1.0", "--only", "words"])
+    out = capsys.readouterr().out
+    assert out.startswith("words:") and "pictures:" not in out and "directions:" not in out
+    with pytest.raises(SystemExit):
+        transformer_probe.main(["--folder", str(builtin_model_dir), "--only", "colours"])
     with pytest.raises(SystemExit, match="pass --folder"):
         transformer_probe.main(["--folder", str(tmp_path)])
 

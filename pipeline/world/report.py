@@ -29,11 +29,12 @@ def _batches(items: list, size: int):
 @torch.no_grad()
 def generate_clips(dit, vae, te, prompts: list[str], first_frames: np.ndarray | None, *, seed: int, steps: int,
                    cfg: float, shift: float, solver: str, batch: int = 16, image_first: bool = False,
-                   picture: dict | None = None) -> np.ndarray:
+                   picture: dict | None = None, latents: list | None = None) -> np.ndarray:
     """Clips for many prompts, `batch` at a time: uint8 [N, T, H, W, 3]. first_frames: uint8 [N, H, W, 3].
     image_first (text-to-video only): draw each first frame as a one-frame clip, then continue it, as
     `zoetrope generate` does for the built-in model (builtin.IMAGE_FIRST); `picture` overrides the clip's sampler
-    settings for that first frame (builtin.PICTURE: solver and cfg)."""
+    settings for that first frame (builtin.PICTURE: solver and cfg). `latents`, when given, collects each batch's
+    normalised latents [b, z, T', h, w] before decoding."""
     p = plan(vae, world.FRAMES, world.SIZE, world.SIZE, patch=dit.config.patch_size)
     picture_shape = plan(vae, 1, world.SIZE, world.SIZE, patch=dit.config.patch_size).latent_shape
     device = next(dit.parameters()).device
@@ -54,6 +55,8 @@ def generate_clips(dit, vae, te, prompts: list[str], first_frames: np.ndarray | 
             first = sample(dit, seeded_noise((len(chunk), *picture_shape), seed + start).to(device), cond, uncond,
                            **drawn)
         x = sample(dit, noise, cond, uncond, first_latent=first, **settings)
+        if latents is not None:
+            latents.append(x.cpu())
         video = vae.decode(vae.denormalize(x))
         out.extend(evaluate.to_frames(v) for v in video)
     return np.stack(out)
