@@ -83,7 +83,7 @@ def text_to_video_graph(args, fmt: str) -> dict:
     args.image_first, the built-in model's default, a first sampler draws the start picture, with the built-in
     model's picture settings), filled in from the command line. 0 / "auto" widgets take the model's recommended
     settings."""
-    from .pipeline.builtin import DEFAULTS
+    from .pipeline.builtin import DEFAULTS, PICTURE
 
     def pick(value, default):
         return default if value is None else value
@@ -126,7 +126,6 @@ def text_to_video_graph(args, fmt: str) -> dict:
         g["12"] = {"class_type": "ZoetropeVideoNoise", "inputs": {**g["6"]["inputs"], "frames": 1}}
         g["13"] = {"class_type": "ZoetropeSampler", "inputs": {**g["7"]["inputs"], "latent": ["12", 0]}}
         if builtin:     # the built-in model's picture settings (builtin.PICTURE); --cfg and --solver are the clip's
-            from .pipeline.builtin import PICTURE
             g["13"]["inputs"].update(cfg=PICTURE["cfg"], solver=PICTURE["solver"])
         g["7"]["inputs"]["first_frame"] = ["13", 0]
     return g

@@ -206,16 +206,19 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     ap.add_argument("--vae-checkpoint", type=Path, default=None,
                     help="the VAE stage's checkpoint (WORK/vae.pt of train-builtin): adds the shape-code probe")
-    ap.add_argument("--only", default=",".join(PROBES), help="probes to run, comma-separated: " + ", ".join(PROBES))
+    ap.add_argument("--only", default=None,
+                    help="probes to run, comma-separated: " + ", ".join(PROBES) + " (default: all that can run)")
     args = ap.parse_args(argv)
-    only = set(args.only.split(","))
+    only = set(args.only.split(",")) if args.only else set(PROBES) - (set() if args.vae_checkpoint else {"shape-codes"})
     if only - set(PROBES):
         ap.error(f"unknown probe {', '.join(sorted(only - set(PROBES)))}; the probes are {', '.join(PROBES)}")
+    if "shape-codes" in only and args.vae_checkpoint is None:
+        ap.error("the shape-codes probe reads the VAE's shape probe: give --vae-checkpoint WORK/vae.pt")
     if args.threads:
         torch.set_num_threads(args.threads)
     dit, vae, te = load(args.folder)
     probe = None
-    if args.vae_checkpoint is not None:
+    if "shape-codes" in only:
         from zoetrope.pipeline.world import train
         state = torch.load(args.vae_checkpoint, weights_only=False)
         if "probe" not in state:
@@ -236,7 +239,7 @@ def main(argv=None) -> None:
         directions(dit, vae, te, scenes, args.seed)
     if "pictures" in only:
         pictures(dit, vae, te, x0, scenes, levels, args.seed)
-    if "shape-codes" in only and probe is not None:
+    if "shape-codes" in only:
         shape_codes(dit, vae, te, x0, scenes, probe, args.seed)
 
 

@@ -322,6 +322,8 @@ def test_transformer_probe_reports_word_use_travel_pictures_and_shape_codes(buil
     assert out.startswith("words:") and "pictures:" not in out and "directions:" not in out
     with pytest.raises(SystemExit):
         transformer_probe.main(["--folder", str(builtin_model_dir), "--only", "colours"])
+    with pytest.raises(SystemExit):     # asked for by name, the shape-code probe needs the VAE's checkpoint
+        transformer_probe.main(["--folder", str(builtin_model_dir), "--only", "shape-codes"])
     with pytest.raises(SystemExit, match="pass --folder"):
         transformer_probe.main(["--folder", str(tmp_path)])
 
