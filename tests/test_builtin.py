@@ -286,8 +286,8 @@ def test_the_builtin_model_draws_the_first_frame_as_a_picture_and_animates_it(bu
     assert np.abs(plain[0, 0].astype(int) - alone[0].astype(int)).max() > 1
 
 
-def test_transformer_probe_reports_word_use_travel_pictures_and_shape_codes(builtin_model_dir, capsys,
-                                                                           monkeypatch, tmp_path):
+def test_transformer_probe_reports_word_use_travel_pictures_shape_codes_and_binding(builtin_model_dir, capsys,
+                                                                                   monkeypatch, tmp_path):
     from pathlib import Path
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import transformer_probe
@@ -298,7 +298,7 @@ def test_transformer_probe_reports_word_use_travel_pictures_and_shape_codes(buil
         probe.read.bias.copy_(torch.tensor([-9.0, -9.0, -9.0, 9.0]))
     torch.save({"probe": probe.state_dict()}, tmp_path / "vae.pt")
     transformer_probe.main(["--folder", str(builtin_model_dir), "--clips", "3", "--levels", "0.5,1.0",
-                            "--vae-checkpoint", str(tmp_path / "vae.pt")])
+                            "--vae-checkpoint", str(tmp_path / "vae.pt"), "--prompts", "200"])
     out = capsys.readouterr().out
     words = [line for line in out.splitlines() if line.strip().startswith("noise") and "loss" in line]
     travel = [line for line in out.splitlines() if line.strip().startswith("noise") and "/" in line]
@@ -309,9 +309,14 @@ def test_transformer_probe_reports_word_use_travel_pictures_and_shape_codes(buil
         "VAE round trip", "one step from 0.50", "one step from 1.00", "drawn from noise"]
     assert all("fill" in line and "%" in line for line in pictures)
     # The seed's three scenes move: two triangles and a circle. Every latent frame's code reads as a triangle.
-    codes = out.split("shape codes")[1].splitlines()[1:]
+    codes = out.split("shape codes")[1].split("binding:")[0].splitlines()[1:]
     assert [line.split()[:2] for line in codes] == [["circle", "1"], ["triangle", "2"]]
     assert "codes   0% /   0%" in codes[0] and "codes 100% / 100%" in codes[1]
+    binding = out.split("binding:")[1].splitlines()
+    assert "150 two-object prompts fitted, 50 held out" in binding[0]
+    assert [line.split(":")[0].strip() for line in binding[1:]] == [
+        "object's motion from its colour word", "object's colour from its motion words"]
+    assert all(0 <= int(line.split(":")[1].strip().rstrip("%")) <= 100 for line in binding[1:])
     torch.save({"model": {}}, tmp_path / "no_probe.pt")
     with pytest.raises(SystemExit, match="no shape probe"):
         transformer_probe.main(["--folder", str(builtin_model_dir), "--clips", "1", "--levels", "1.0",
@@ -453,3 +458,73 @@ def test_the_shipped_model_draws_what_fresh_prompts_ask(tmp_path):
     assert summary["single_motion"] >= 0.6 and summary["i2v_motion"] >= 0.6, summary
     assert summary["single_all"] >= 0.25, summary
     assert (tmp_path / "contact_sheet.png").is_file()
+
+
+def test_clause_targets_give_every_token_of_an_object_phrase_its_objects_attributes(tmp_path):
+    from zoetrope.pipeline.tokenizer import Tokenizer
+    tokenizer = Tokenizer.from_bytes(train.train_tokenizer(tmp_path, 0, train.TEXT_CONFIG.vocab_size))
+    prompts = ["a small red circle moving left and one big blue box drifting to the right over grey", ""]
+    ids, mask = tokenizer(prompts, max_length=train.DIT_CONFIG.text_len)
+    targets = train._clause_targets(tokenizer, prompts, mask)
+    pieces = [tokenizer.processor.id_to_piece(int(i)) for i in ids[0, :int(mask[0].sum())]]
+    labelled = {}
+    for piece, target in zip(pieces, targets[0].tolist()):
+        labelled.setdefault(tuple(target), []).append(piece.lstrip("\u2581"))
+    red = (list(world.COLOURS).index("red"), world.SHAPES.index("circle"), list(world.SIZES).index("small"),
+           list(world.MOTIONS).index("moving left"))
+    blue = (list(world.COLOURS).index("blue"), world.SHAPES.index("square"), list(world.SIZES).index("large"),
+            list(world.MOTIONS).index("moving right"))
+    assert "".join(labelled[red]) == "asmallredcirclemovingleft"
+    assert "".join(labelled[blue]) == "onebigblueboxdriftingtotheright"
+    assert "".join(labelled[(-1,) * 4]) == "andovergrey</s>"
+    assert (targets[1] == -1).all() and (targets[0, int(mask[0].sum()):] == -1).all()
+
+
+def test_the_clause_probe_teaches_the_text_encoder_which_object_each_motion_belongs_to(tmp_path):
+    """Trained by the probe's loss alone, the text encoder's token of each object's colour word comes to carry that
+    object's motion, which is what lets the transformer give each of two objects its own motion."""
+    from zoetrope.pipeline.text_encoder import UMT5Encoder
+    from zoetrope.pipeline.tokenizer import Tokenizer
+    tokenizer = Tokenizer.from_bytes(train.train_tokenizer(tmp_path, 0, train.TEXT_CONFIG.vocab_size))
+    torch.manual_seed(0)
+    encoder = UMT5Encoder(replace(train.TEXT_CONFIG, vocab_size=tokenizer.vocab_size))
+    probe = train.ClauseProbe(train.TEXT_CONFIG.dim)
+    opt = torch.optim.AdamW(list(encoder.parameters()) + list(probe.parameters()), lr=3e-3)
+
+    def batch(rng, n):
+        prompts = [world.paraphrase(world.sample_scene(rng, 2), rng) for _ in range(n)]
+        ids, mask = tokenizer(prompts, max_length=train.DIT_CONFIG.text_len)
+        return prompts, ids, mask, train._clause_targets(tokenizer, prompts, mask)
+
+    def motion_read_at_colour_words(prompts, ids, mask, targets):
+        with torch.no_grad():
+            motion = probe.head(encoder(ids, mask)).split(train.CLAUSE_CLASSES, dim=-1)[3].argmax(-1)
+        colour_ids = {tokenizer.processor.encode(c)[0] for c in world.COLOURS}
+        at = torch.tensor([[int(i) in colour_ids for i in row] for row in ids]) & (targets[..., 0] >= 0)
+        return (motion[at] == targets[..., 3][at]).float().mean().item()
+
+    rng = np.random.default_rng(1)
+    held_out = batch(np.random.default_rng(2), 200)
+    before = motion_read_at_colour_words(*held_out)
+    for _ in range(150):
+        _, ids, mask, targets = batch(rng, 48)
+        loss = probe.loss(encoder(ids, mask), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = motion_read_at_colour_words(*held_out)
+    assert before < 0.5 and after > 0.95, (before, after)
+
+
+def test_the_clause_probe_trains_with_the_transformer_resumes_and_stays_out_of_the_exported_files(tmp_path,
+                                                                                                  monkeypatch):
+    monkeypatch.setattr(train, "SMOKE", replace(train.SMOKE, clause_weight=0.5))
+    work, out = tmp_path / "work", tmp_path / "out"
+    args = ["--smoke", "--work", str(work), "--out", str(out), "--threads", "1", "--dit-steps", "4"]
+    train.main(args + ["--only", "transformer-1"])
+    first = torch.load(work / "transformer.pt", weights_only=False)["clause_probe"]
+    assert train.main(args) == 0
+    last = torch.load(work / "transformer.pt", weights_only=False)["clause_probe"]
+    assert not torch.equal(first["head.weight"], last["head.weight"])      # resumed and trained on
+    from safetensors.torch import load_file
+    assert not any("head" in k for k in load_file(out / "zoetrope_builtin_text_encoder.safetensors"))

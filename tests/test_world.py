@@ -216,6 +216,23 @@ def test_parse_prompt_reads_canonical_prompts_and_reports_unknown_words():
         parse_prompt("a small red moving left on a black background")
 
 
+def test_each_word_of_a_prompt_belongs_to_its_object_phrase_or_to_none():
+    rng = np.random.default_rng(9)
+    background_words = {"on", "a", "over", "against", "in", "front", "of", "background", "black", "gray", "grey",
+                        "white", "and"}
+    for i, scene in enumerate(scenes(9, 120)):
+        text = prompt(scene) if i % 3 == 0 else paraphrase(scene, rng)
+        words = text.split(" ")
+        owner = world.object_phrase_of_words(words)
+        objects = parse_prompt(text).objects
+        assert sorted(set(owner) - {-1}) == list(range(len(objects))), text
+        for k, obj in enumerate(objects):
+            phrase = " ".join(w for w, o in zip(words, owner) if o == k)
+            # each phrase alone, put on a background, names its object and nothing else
+            assert parse_prompt(f"{phrase} on a black background").objects == (obj,), (text, phrase)
+        assert {w.strip(",") for w, o in zip(words, owner) if o < 0} <= background_words, text
+
+
 def test_clip_batch():
     videos, prompts = clip_batch(np.random.default_rng(8), 6, 64, 17, p_two=0.5)
     assert tuple(videos.shape) == (6, 3, 17, 64, 64) and str(videos.dtype) == "torch.float32"

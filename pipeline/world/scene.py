@@ -324,6 +324,31 @@ def paraphrase(scene: Scene, rng) -> str:
     return " and ".join(phrases) + f" {background}"
 
 
+_MOTION_PHRASE_WORDS = frozenset(
+    {"to", "the"} | set(_VERBS) | {w for ws in _DIRECTION_WORDS.values() for w in ws}
+    | {w for phrase in _STILL_PHRASES for w in phrase.split()})
+
+
+def object_phrase_of_words(words: list[str]) -> list[int]:
+    """For each word of a world prompt (canonical or paraphrased, split on spaces): the index of the object phrase
+    it belongs to, in the prompt's order (the order of parse_prompt's objects), or -1 for 'and' and the background
+    phrase. An object phrase is an article, a size, a colour, a shape and a motion phrase, as paraphrase() writes
+    it."""
+    bare = [re.sub(r"[^a-z]+", "", w.lower()) for w in words]
+    sizes = _lookup(_SIZE_WORDS)
+    owner, phrase, i = [-1] * len(words), 0, 0
+    while i < len(bare):
+        if bare[i] in _ARTICLES and i + 1 < len(bare) and bare[i + 1] in sizes:
+            end = i + 4                       # article, size, colour, shape
+            while end < len(bare) and bare[end] in _MOTION_PHRASE_WORDS:
+                end += 1
+            owner[i:end] = [phrase] * (end - i)
+            phrase, i = phrase + 1, end
+        else:
+            i += 1
+    return owner
+
+
 def vocabulary_words() -> list[str]:
     """Every word a canonical prompt or a paraphrase can use, sorted (for training the tokenizer)."""
     words: set[str] = {"and", "background", "to", "the"}

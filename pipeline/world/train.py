@@ -42,7 +42,7 @@ from .. import builtin, ops, sampling
 from ..config import DiTConfig, TextEncoderConfig, VAEConfig
 from ..dit import WanModel
 from ..text_encoder import TextEncoder, UMT5Encoder
-from ..tokenizer import Tokenizer
+from ..tokenizer import Tokenizer, clean_prompt
 from ..vae import WanVAE
 from . import evaluate, scene as world
 
@@ -100,6 +100,7 @@ class Budget:
                                  # _flow_loss)
     decoder_steps: int = 1200    # steps of tune_decoder after the VAE stage
     decoder_critic: float = 1.0  # the patch critic's weight in tune_decoder, relative to VQGAN's adaptive one
+    clause_weight: float = 0.0   # weight of the text encoder's object-phrase loss (ClauseProbe)
     stats_clips: int = 64        # clips whose latents give the per-channel mean and std
 
 
@@ -574,6 +575,11 @@ def train_transformer(work: Path, pool: dict, spiece: bytes, budget: Budget, see
     stage = Stage(work, "transformer")
     tokenizer = Tokenizer.from_bytes(spiece)
     encoder, dit, te_config, params, opt = new_transformer(tokenizer, budget, seed, device)
+    probe = None
+    if budget.clause_weight > 0:
+        probe = ClauseProbe(te_config.dim).to(device)
+        opt.add_param_group({"params": list(probe.parameters())})
+        params = params + list(probe.parameters())
     ema = {"dit": copy.deepcopy(dit).eval(), "encoder": copy.deepcopy(encoder).eval()}
     step, rng = 0, np.random.default_rng(seed + 3)
     state = stage.load()
@@ -584,6 +590,8 @@ def train_transformer(work: Path, pool: dict, spiece: bytes, budget: Budget, see
         ema["encoder"].load_state_dict(state["ema_encoder"])
         opt.load_state_dict(state["opt"])
         step, rng = state["step"], state["rng"]
+        if probe is not None:
+            probe.load_state_dict(state["clause_probe"])
     if pool is None:       # --only export: take the latest checkpoint, finished or not
         if state is None:
             raise SystemExit(f"nothing to export: {stage.path} does not exist; train the transformer first")
@@ -605,13 +613,14 @@ def train_transformer(work: Path, pool: dict, spiece: bytes, budget: Budget, see
             g["lr"] = lr
         idx = rng.integers(len(scenes), size=budget.dit_batch).tolist()
         loss = _flow_loss(dit, encoder, tokenizer, latents[idx].float().to(device), [scenes[i] for i in idx], rng,
-                          gen, budget, device, i2v=True)
+                          gen, budget, device, i2v=True, clause_probe=probe)
         if budget.image_batch:
             # Images: the first latent frame of other clips (the causal VAE encodes frame 0 alone). Colour, shape,
             # size and background are learnt here at a fifth of a clip's cost; motion from the clips.
             idx = rng.integers(len(scenes), size=budget.image_batch).tolist()
             loss = loss + _flow_loss(dit, encoder, tokenizer, latents[idx, :, :1].float().to(device),
-                                     [scenes[i] for i in idx], rng, gen, budget, device, i2v=False)
+                                     [scenes[i] for i in idx], rng, gen, budget, device, i2v=False,
+                                     clause_probe=probe)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -626,7 +635,8 @@ def train_transformer(work: Path, pool: dict, spiece: bytes, budget: Budget, see
         if time.time() - last_save > 180 or step in (half, end):
             stage.save({"dit": dit.state_dict(), "encoder": encoder.state_dict(), "ema_dit": ema["dit"].state_dict(),
                         "ema_encoder": ema["encoder"].state_dict(), "opt": opt.state_dict(), "step": step,
-                        "rng": rng}, done=step == budget.dit_steps)
+                        "rng": rng, **({"clause_probe": probe.state_dict()} if probe is not None else {})},
+                       done=step == budget.dit_steps)
             last_save = time.time()
         if step in (half, budget.dit_steps):
             log.info("transformer-%d (to step %d) done", 1 if step == half else 2, step)
@@ -634,8 +644,10 @@ def train_transformer(work: Path, pool: dict, spiece: bytes, budget: Budget, see
     return ema["dit"], TextEncoder(ema["encoder"], tokenizer), te_config
 
 
-def _flow_loss(dit, encoder, tokenizer, x0, scenes, rng, gen, budget: Budget, device, i2v: bool) -> torch.Tensor:
-    """Flow-matching loss of one batch of latents [B, z, T', H', W'] and their scenes (prompts redrawn here)."""
+def _flow_loss(dit, encoder, tokenizer, x0, scenes, rng, gen, budget: Budget, device, i2v: bool,
+               clause_probe: ClauseProbe | None = None) -> torch.Tensor:
+    """Flow-matching loss of one batch of latents [B, z, T', H', W'] and their scenes (prompts redrawn here), plus
+    `budget.clause_weight` times the clause probe's loss on the text encoder's output when a probe is given."""
     prompts = ["" if rng.random() < budget.uncond_share else
                (world.prompt(s) if rng.random() < 0.5 else world.paraphrase(s, rng)) for s in scenes]
     ids, mask = tokenizer(prompts, max_length=DIT_CONFIG.text_len)
@@ -674,7 +686,60 @@ def _flow_loss(dit, encoder, tokenizer, x0, scenes, rng, gen, budget: Budget, de
         context = [e[: int(m.sum())] for e, m in zip(emb, mask)]
         v = dit(xt, t, context)
     weight = keep * _latent_object_weight(x0, budget.object_weight, budget.outline_weight)
-    return (((v.float() - target) ** 2) * weight).sum() / (weight.sum() * x0.shape[1])
+    loss = (((v.float() - target) ** 2) * weight).sum() / (weight.sum() * x0.shape[1])
+    if clause_probe is not None:
+        loss = loss + budget.clause_weight * clause_probe.loss(emb, _clause_targets(tokenizer, prompts, mask).to(device))
+    return loss
+
+
+CLAUSE_CLASSES = (len(world.COLOURS), len(world.SHAPES), len(world.SIZES), len(world.MOTIONS))
+
+
+class ClauseProbe(torch.nn.Module):
+    """Linear heads that read, from every token of an object phrase, that object's colour, shape, size and motion
+    (training only; not exported).
+
+    Trained against them, the text encoder writes each object's attributes into all of its phrase's tokens. Without
+    them it bound colour and shape (a linear probe on a colour word's token read its phrase's shape every time) but
+    not motion: the colour word's token gave its object's motion 41% of the time, the motion words' their object's
+    colour 44% (chance about 20%; `benchmarks/transformer_probe.py --only binding`). The transformer's cross-attention has no positions on the text, so an object's
+    image tokens, which find their phrase by its colour and shape, could not tell which motion was theirs: in
+    two-object clips each object took the other's motion as often as its own."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.head = torch.nn.Linear(dim, sum(CLAUSE_CLASSES))
+
+    def loss(self, emb: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the four attributes over the labelled tokens; emb [B, L, D], targets [B, L, 4]
+        (-1: no object phrase)."""
+        if not bool((targets[..., 0] >= 0).any()):
+            return emb.sum() * 0
+        logits = self.head(emb.float()).split(CLAUSE_CLASSES, dim=-1)
+        return sum(F.cross_entropy(lg.flatten(0, 1), targets[..., k].flatten(), ignore_index=-1)
+                   for k, lg in enumerate(logits)) / len(CLAUSE_CLASSES)
+
+
+def _clause_targets(tokenizer: Tokenizer, prompts: list[str], mask: torch.Tensor) -> torch.Tensor:
+    """[B, L, 4] class indices (colour, shape, size, motion) of the object phrase each token belongs to, -1 for
+    the others (the background phrase, 'and', EOS, padding, empty prompts)."""
+    targets = torch.full((*mask.shape, len(CLAUSE_CLASSES)), -1, dtype=torch.long)
+    colours, sizes, motions = list(world.COLOURS), list(world.SIZES), list(world.MOTIONS)
+    for b, text in enumerate(prompts):
+        if not text:
+            continue
+        words = clean_prompt(text).split(" ")
+        pieces = [len(tokenizer.processor.encode(w)) for w in words]
+        if sum(pieces) + 1 != int(mask[b].sum()):      # truncated: its tokens no longer line up with its words
+            continue
+        objects, start = world.parse_prompt(text).objects, 0
+        for n, k in zip(pieces, world.object_phrase_of_words(words)):
+            if k >= 0:
+                o = objects[k]
+                targets[b, start:start + n] = torch.tensor(
+                    [colours.index(o.colour), world.SHAPES.index(o.shape), sizes.index(o.size), motions.index(o.motion)])
+            start += n
+    return targets
 
 
 SHARPEN_FROM = 0.3   # lowest noise level _flow_loss starts from a blurred latent: below it the gap to the sharp
