@@ -70,7 +70,7 @@ class Budget:
     including what did not help. In short: the transformer is what the budget is shortest of, so its steps and
     learning rate count most (1e-3; 2e-3 reached a lower loss but drew worse clips). Training's noise levels follow
     the sampler's shift 8, which made the motion words decide (text-to-video motion 59% to 92%); the text encoder's
-object-phrase loss binds each motion to its object (two objects' motions 38.5% to 76%). Half the pool starts
+    object-phrase loss binds each motion to its object (two objects' motions 38.5% to 76%). Half the pool starts
     its objects anywhere, so the words are the only cue to the direction. Shape is what the recipe is weakest at:
     the shape probe, the decoder blur and tuning, the outline weight and sharpening lifted single-object shapes from
     36% to 57.5%, and what still rounds moving shapes is the VAE's coding of motion and the animation. The VAE
