@@ -205,6 +205,7 @@ def shape_codes(dit, vae, te, x0, scenes, probe, seed: int) -> None:
 @torch.no_grad()
 def binding(te, seed: int, fit: int = 3000, test: int = 1000) -> None:
     from zoetrope.pipeline.tokenizer import clean_prompt
+    from zoetrope.pipeline.world import train
     rng = np.random.default_rng(seed)
     motion_words = {w for phrase in world.MOTIONS for w in phrase.split()} | {
         w for ws in world._DIRECTION_WORDS.values() for w in ws} | set(world._VERBS) | {"still"}
@@ -215,18 +216,15 @@ def binding(te, seed: int, fit: int = 3000, test: int = 1000) -> None:
         for start in range(0, n, 250):
             texts = [world.paraphrase(s, rng) if rng.random() < 0.5 else world.prompt(s)
                      for s in (world.sample_scene(rng, 2) for _ in range(min(250, n - start)))]
-            emb = te.encode(texts)
-            for text, e in zip(texts, emb):
-                words = clean_prompt(text).split(" ")
-                objects, end = world.parse_prompt(text).objects, 0
-                for word, k in zip(words, world.object_phrase_of_words(words)):
-                    end += len(te.tokenizer.processor.encode(word))
-                    if k < 0:
-                        continue
-                    kind = "colour" if word == objects[k].colour else "motion" if word in motion_words else None
-                    if kind:
-                        found[kind].append((e[end - 1].float().cpu(), list(world.COLOURS).index(objects[k].colour),
-                                            list(world.MOTIONS).index(objects[k].motion)))
+            _, mask = te.tokenizer(texts, max_length=train.DIT_CONFIG.text_len)
+            targets = train._clause_targets(te.tokenizer, texts, mask)       # [B, L, (colour, shape, size, motion)]
+            for b, e in enumerate(te.encode(texts)):
+                words = clean_prompt(texts[b]).split(" ")
+                for word, end in zip(words, train.word_token_ends(te.tokenizer, words)):
+                    kind = "colour" if word in world.COLOURS else "motion" if word in motion_words else None
+                    if kind and targets[b, end - 1, 0] >= 0:              # a word of an object phrase
+                        found[kind].append((e[end - 1].float().cpu(), int(targets[b, end - 1, 0]),
+                                            int(targets[b, end - 1, 3])))
         return found
 
     def fitted_accuracy(train_rows, test_rows, column: int) -> float:
@@ -275,7 +273,6 @@ def clip_probes(dit, vae, te, args, only: set[str]) -> None:
         pictures(dit, vae, te, x0, scenes, levels, args.seed)
     if "shape-codes" in only:
         shape_codes(dit, vae, te, x0, scenes, probe, args.seed)
-
 
 
 def main(argv=None) -> None:

@@ -731,17 +731,26 @@ def _clause_targets(tokenizer: Tokenizer, prompts: list[str], mask: torch.Tensor
         if not text:
             continue
         words = clean_prompt(text).split(" ")
-        pieces = [len(tokenizer.processor.encode(w)) for w in words]
-        if sum(pieces) + 1 != int(mask[b].sum()):      # truncated: its tokens no longer line up with its words
+        ends = word_token_ends(tokenizer, words)
+        if ends[-1] + 1 != int(mask[b].sum()):          # truncated: its tokens no longer line up with its words
             continue
-        objects, start = world.parse_prompt(text).objects, 0
-        for n, k in zip(pieces, world.object_phrase_of_words(words)):
+        objects = world.parse_prompt(text).objects
+        for start, end, k in zip([0] + ends[:-1], ends, world.object_phrase_of_words(words)):
             if k >= 0:
                 o = objects[k]
-                targets[b, start:start + n] = torch.tensor(
+                targets[b, start:end] = torch.tensor(
                     [colours.index(o.colour), world.SHAPES.index(o.shape), sizes.index(o.size), motions.index(o.motion)])
-            start += n
     return targets
+
+
+def word_token_ends(tokenizer: Tokenizer, words: list[str]) -> list[int]:
+    """For each word of a cleaned prompt split on spaces, the index after its last token (SentencePiece splits on
+    spaces, so a prompt's tokens are its words' tokens in order, then EOS)."""
+    ends, end = [], 0
+    for w in words:
+        end += len(tokenizer.processor.encode(w))
+        ends.append(end)
+    return ends
 
 
 SHARPEN_FROM = 0.3   # lowest noise level _flow_loss starts from a blurred latent: below it the gap to the sharp
