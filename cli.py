@@ -107,7 +107,7 @@ def text_to_video_graph(args, fmt: str) -> dict:
         "7": {"class_type": "ZoetropeSampler",
               "inputs": {"model": ["1", 0], "positive": ["4", 0], "negative": ["5", 0], "latent": ["6", 0],
                          "steps": pick(args.steps, 0), "cfg": pick(args.cfg, 0.0), "shift": pick(args.shift, 0.0),
-                         "solver": pick(args.solver, "auto"), "denoise": 1.0}},
+                         "solver": pick(args.solver, "auto"), "denoise": 1.0, "high_noise_cfg": 0.0}},
         "8": {"class_type": "ZoetropeVAEDecode",
               "inputs": {"vae": ["3", 0], "latent": ["7", 0], "tile_size": 0, "overlap": 32}},
         "9": {"class_type": "ZoetropeSaveVideo",
@@ -126,7 +126,7 @@ def text_to_video_graph(args, fmt: str) -> dict:
         g["12"] = {"class_type": "ZoetropeVideoNoise", "inputs": {**g["6"]["inputs"], "frames": 1}}
         g["13"] = {"class_type": "ZoetropeSampler", "inputs": {**g["7"]["inputs"], "latent": ["12", 0]}}
         if builtin:     # the built-in model's picture settings (builtin.PICTURE); --cfg and --solver are the clip's
-            g["13"]["inputs"].update(cfg=PICTURE["cfg"], solver=PICTURE["solver"])
+            g["13"]["inputs"].update(PICTURE)
         g["7"]["inputs"]["first_frame"] = ["13", 0]
     return g
 

@@ -127,6 +127,13 @@ class ZoetropeSampler:
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                   "tooltip": "1 draws the clip from noise. Below 1 restyles the clip connected to "
                                              "'video', keeping more of it the lower the value."}),
+            "high_noise_cfg": ("FLOAT", {
+                "default": 0.0, "min": 0.0, "max": 30.0, "step": 0.05, "round": 0.01,
+                "tooltip": "Guidance scale for the first, noisiest steps (timestep 900 and up; Wan 2.2 A14B: "
+                           "while the high-noise expert runs), where the layout is decided; 'cfg' applies after. "
+                           "Below 1 lets the layout form with less pull from the prompt: the built-in model's "
+                           "first-frame picture uses 0.5, which more than halves its stray extra objects. 0 = the same as "
+                           "cfg (A14B: the model's recommendation)."}),
         }, "optional": {
             "first_frame": ("LATENT", {"tooltip": "Image-to-video: the start image's latent from ZoetropeVAEEncode, "
                                                   "the same width and height as the noise. The clip begins on it."}),
@@ -138,8 +145,8 @@ class ZoetropeSampler:
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def sample(self, model: Loaded, positive, negative, latent, steps: int = 0, cfg: float = 0.0,
-               shift: float = 0.0, solver: str = "auto", denoise: float = 1.0, first_frame=None, video=None,
-               low_noise_model: Loaded | None = None, unique_id=None):
+               shift: float = 0.0, solver: str = "auto", denoise: float = 1.0, high_noise_cfg: float = 0.0,
+               first_frame=None, video=None, low_noise_model: Loaded | None = None, unique_id=None):
         import torch
         from ..pipeline import generate as gen
         from ..pipeline import sampling
@@ -161,8 +168,12 @@ class ZoetropeSampler:
         _check_model_takes(model, noise)
         b = noise.shape[0]
         cond = conditioning_rows(positive, b, dit.config.text_dim, "positive")
+        # Guidance below and above the boundary: one scale unless high_noise_cfg is set or an A14B pair has two.
+        cfg_low = cfg if cfg_given or low_noise_model is None else float(rec.get("cfg_low", cfg))
+        cfg_high = float(high_noise_cfg) or (
+            cfg if cfg_given or low_noise_model is None else float(rec.get("cfg_high", cfg)))
         uncond = None
-        if sampling.needs_uncond(cfg) or low_noise_model is not None:
+        if sampling.needs_uncond(cfg_low) or sampling.needs_uncond(cfg_high):
             uncond = conditioning_rows(negative, b, dit.config.text_dim, "negative")
 
         first_latent = None
@@ -189,20 +200,20 @@ class ZoetropeSampler:
         experts = None
         if low_noise_model is not None:
             _check_model_takes(low_noise_model, noise)
-            boundary = float(rec.get("boundary", 0.875))
-            cfg_high = cfg if cfg_given else float(rec.get("cfg_high", cfg))
-            cfg_low = cfg if cfg_given else float(rec.get("cfg_low", cfg))
             low = _Net(low_noise_model)
             net.other, low.other = low, net
-            experts = (net, low, boundary, cfg_high, cfg_low)
-        elif "boundary" in rec:
-            log.warning("Zoetrope: %s is one expert of Wan 2.2 A14B; connect the other one to low_noise_model for "
-                        "the full model (sampling with this expert alone)", model.label)
+            experts = (net, low, float(rec.get("boundary", 0.875)), cfg_high, cfg_low)
+        else:
+            if "boundary" in rec:
+                log.warning("Zoetrope: %s is one expert of Wan 2.2 A14B; connect the other one to low_noise_model "
+                            "for the full model (sampling with this expert alone)", model.label)
+            if cfg_high != cfg_low:
+                experts = (net, net, float(rec.get("boundary", sampling.GUIDANCE_BOUNDARY)), cfg_high, cfg_low)
 
         denoise = denoise if video is not None else 1.0
         sigmas = sampling.sigmas_for_denoise(sampling.default_sigmas(solver, steps, shift), denoise)
-        log.info("Zoetrope: sampling with %s, %d of %d steps, cfg %g, shift %g, %s", model.label, len(sigmas) - 1,
-                 steps, cfg, shift, solver)
+        log.info("Zoetrope: sampling with %s, %d of %d steps, cfg %s, shift %g, %s", model.label, len(sigmas) - 1,
+                 steps, f"{cfg_low:g}" if cfg_high == cfg_low else f"{cfg_high:g} then {cfg_low:g}", shift, solver)
         device = model.device
         to = (lambda t: None if t is None else t.to(device))
         live = sampler_preview(model, unique_id)     # the animated preview on the page (None standalone)
@@ -224,7 +235,7 @@ class ZoetropeSampler:
             finally:
                 if live is not None:
                     live.close()
-                for n in (net, *(experts[1:2] if experts else ())):
+                for n in dict.fromkeys((net, *(experts[1:2] if experts else ()))):
                     n.release()
         return ({"samples": fmt.denormalize(x).to(host.intermediate_device())},)
 

@@ -282,6 +282,11 @@ def noise_latent(x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
     return (1 - sigma) * x0.to(torch.float32) + sigma * noise.to(torch.float32)
 
 
+# Where guidance switches to `high_noise_cfg` for a single model: the boundary Wan 2.2 A14B's image-to-video experts
+# switch at. The A14B models use their own (config.py).
+GUIDANCE_BOUNDARY = 0.9
+
+
 def expert_for(t, boundary: float) -> str:
     """Which Wan 2.2 A14B expert denoises at timestep t (0..1000): "high" when t >= boundary * 1000, else "low".
 

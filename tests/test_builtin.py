@@ -252,7 +252,7 @@ def test_the_builtin_model_draws_the_first_frame_as_a_picture_and_animates_it(bu
     noise = graph[picture["latent"][0]]["inputs"]
     assert noise["frames"] == 1 and noise["seed"] == 5 and picture["positive"] == clip["positive"]
     # The picture is drawn with the built-in model's picture settings; --cfg and --solver are the clip's.
-    assert (picture["cfg"], picture["solver"]) == (builtin.PICTURE["cfg"], builtin.PICTURE["solver"])
+    assert {k: picture[k] for k in builtin.PICTURE} == builtin.PICTURE
     assert (clip["cfg"], clip["solver"]) == (0.0, "auto")
     guided = tmp_path / "guided.mp4"
     assert cli.main(["generate", prompt, "-o", str(guided), "--steps", "2", "--cfg", "3", "--solver", "euler"]) == 0

@@ -248,6 +248,23 @@ def test_the_node_chain_makes_what_generate_makes(models, solver):
     assert (frames - ref).abs().max().item() < 1e-4
 
 
+def test_high_noise_cfg_guides_the_noisiest_steps_as_the_pipeline_does(models):
+    """The sampler's high_noise_cfg is sample()'s: its own guidance for the steps at timestep 900 and up (the
+    built-in model's picture settings, cfg 1 after), and 0 keeps cfg throughout."""
+    from zoetrope.pipeline import generate as gen
+    model, te, _ = models
+    noise, split = run_chain(models, frames=1, steps=4, cfg=1.0, solver="euler", high_noise_cfg=0.5)
+    with torch.no_grad():
+        ref = gen.sample(model.module, noise["samples"], te.module.encode([PROMPT]),
+                         te.module.encode([""]), steps=4, cfg=1.0, shift=model.defaults["shift"], solver="euler",
+                         high_noise_cfg=0.5)
+    torch.testing.assert_close(split["samples"], model.latent.denormalize(ref), rtol=0, atol=1e-4)
+    _, plain = run_chain(models, frames=1, steps=4, cfg=1.0, solver="euler", high_noise_cfg=0.0)
+    _, plain_again = run_chain(models, frames=1, steps=4, cfg=1.0, solver="euler")
+    assert torch.equal(plain["samples"], plain_again["samples"])
+    assert (split["samples"] - plain["samples"]).abs().max() > 1e-3
+
+
 def test_sampler_output_is_a_raw_latent_of_the_noise_shape(models):
     noise, latent = run_chain(models)
     assert latent["samples"].shape == noise["samples"].shape

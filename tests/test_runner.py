@@ -90,12 +90,13 @@ def test_shipped_text_to_video_converts_by_the_frontend_rules():
     assert api["7"] == {"class_type": "ZoetropeVideoNoise", "_meta": {"title": "Zoetrope Video Noise"},
                         "inputs": {"width": 64, "height": 64, "frames": 17, "batch": 1, "seed": 7,
                                    "vae": ["4", 0]}}                          # "fixed" (control) is not sent
-    clip = {"steps": 0, "cfg": 0.0, "shift": 0.0, "solver": "auto", "denoise": 1.0, "model": ["2", 0],
-            "positive": ["5", 0], "negative": ["6", 0]}
+    clip = {"steps": 0, "cfg": 0.0, "shift": 0.0, "solver": "auto", "denoise": 1.0, "high_noise_cfg": 0.0,
+            "model": ["2", 0], "positive": ["5", 0], "negative": ["6", 0]}
     # The clip's sampler animates the picture the first one draws from one frame of noise, with the built-in
     # model's picture settings.
     assert api["8"]["inputs"] == {**clip, "latent": ["7", 0], "first_frame": ["12", 0]}
-    assert api["12"]["inputs"] == {**clip, "cfg": 2.0, "solver": "euler_ancestral", "latent": ["11", 0]}
+    assert api["12"]["inputs"] == {**clip, "cfg": 1.0, "solver": "euler_ancestral", "high_noise_cfg": 0.5,
+                                   "latent": ["11", 0]}
     assert api["12"]["_meta"] == {"title": "First frame (picture)"}
     assert api["11"]["inputs"]["frames"] == 1
     assert api["5"]["_meta"] == {"title": "Prompt"}

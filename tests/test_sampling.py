@@ -316,6 +316,31 @@ def test_expert_switch():
         assert [sampling.expert_for(t, boundary) for t in ts] == ["high"] * n + ["low"] * (steps - n)
 
 
+def test_high_noise_cfg_guides_the_steps_at_and_above_the_boundary():
+    """sample(high_noise_cfg=...) guides with it while the timestep is at or above GUIDANCE_BOUNDARY, and with cfg
+    after. A net whose conditional velocity is 1 and unconditional 0 moves each Euler step by its guidance scale."""
+    from zoetrope.pipeline.generate import sample
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, t, context):
+            return torch.stack([torch.full_like(x[0], float(c[0, 0])) for c in context])
+
+    cond, uncond, noise = [torch.ones(2, 4)], [torch.zeros(2, 4)], torch.zeros(1, 2, 1, 2, 2)
+    sigmas = sampling.default_sigmas("euler", 10, 8.0)
+    high = sampling.timesteps(sigmas[:-1], integer=False) >= sampling.GUIDANCE_BOUNDARY * 1000
+    assert 0 < int(high.sum()) < 10
+    moved = sigmas[1:] - sigmas[:-1]
+    for high_noise_cfg, scales in ((0.5, torch.where(high, 0.5, 3.0)), (None, torch.full_like(moved, 3.0)),
+                                   (3.0, torch.full_like(moved, 3.0))):
+        out = sample(Net(), noise, cond, uncond, steps=10, cfg=3.0, shift=8.0, solver="euler",
+                     high_noise_cfg=high_noise_cfg)
+        assert torch.allclose(out, torch.full_like(out, float((moved * scales).sum())), atol=1e-6)
+
+
 def test_token_timesteps_follow_the_patch_grid():
     b, f, h, w = 2, 3, 4, 6
     mask = torch.ones(b, f, h, w)

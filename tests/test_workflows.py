@@ -66,9 +66,11 @@ def test_the_text_to_video_workflow_follows_the_built_in_models_settings():
     assert f"({d['steps']} steps, cfg {d['cfg']:g}, shift {d['shift']:g}, {d['solver']})" in text
     assert f"{d['width']}x{d['height']}, {d['frames']} frames at {d['fps']} fps" in text
     (picture,) = [n for n in nodes_of(workflow, "ZoetropeSampler") if n.get("title") == "First frame (picture)"]
-    steps, cfg, shift, solver, denoise = picture["widgets_values"]
-    assert (cfg, solver) == (PICTURE["cfg"], PICTURE["solver"]) and (steps, shift, denoise) == (0, 0.0, 1.0)
-    assert f"{PICTURE['solver'].replace('_', ' ')} at cfg {PICTURE['cfg']:g}" in text
+    steps, cfg, shift, solver, denoise, high_noise_cfg = picture["widgets_values"]
+    assert dict(cfg=cfg, solver=solver, high_noise_cfg=high_noise_cfg) == PICTURE
+    assert (steps, shift, denoise) == (0, 0.0, 1.0)
+    assert (f"{PICTURE['solver'].replace('_', ' ')} at cfg {PICTURE['cfg']:g}, and {PICTURE['high_noise_cfg']:g} "
+            "for its noisiest steps") in text
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)

@@ -22,11 +22,13 @@ DEFAULTS = dict(frames=17, width=64, height=64, steps=20, cfg=4.0, shift=8.0, so
 # size and motion right more often this way (72 prompts: colour 92% vs 81%, size 89% vs 74%, motion 81% vs 65%).
 # `zoetrope generate`, the evaluator and the text-to-video workflow all do it; `--no-image-first` turns it off.
 IMAGE_FIRST = True
-# The picture is drawn with its own sampler settings (the clip keeps DEFAULTS'). Drawn with the clip's (UniPC, cfg 4),
-# two-object pictures often hold a stray copy of one object, which the clip then carries. With Euler ancestral at
-# cfg 2, 56% of 64 two-object clips were free of extra objects against 33% (without the picture step: 25%), and 200
-# single-object and 100 two-object prompts scored all right 46.5% / 6% against 46.5% / 2% (shape 59% against 57.5%).
-PICTURE = dict(solver="euler_ancestral", cfg=2.0)
+# The picture is drawn with its own sampler settings (the clip keeps DEFAULTS'): Euler ancestral, guidance 0.5 for the
+# noisiest steps (timestep 900 and up, sampling.GUIDANCE_BOUNDARY) and none after. Guidance pulls every position of
+# the noisy picture towards the prompt's objects while the layout is still being decided, and the picture then holds
+# stray copies of them, which the clip carries. 100 two-object pictures held an extra object in 71% at cfg 2, 46% at
+# cfg 1, and 30% with this split (single-object: 34% -> 14%). 200 single-object and 100 two-object clips scored all
+# right 54.5% / 25% against 50% / 9% at cfg 2 (docs/built-in-model-recipe.md).
+PICTURE = dict(solver="euler_ancestral", cfg=1.0, high_noise_cfg=0.5)
 
 
 def available() -> bool:

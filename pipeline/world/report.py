@@ -33,7 +33,7 @@ def generate_clips(dit, vae, te, prompts: list[str], first_frames: np.ndarray | 
     """Clips for many prompts, `batch` at a time: uint8 [N, T, H, W, 3]. first_frames: uint8 [N, H, W, 3].
     image_first (text-to-video only): draw each first frame as a one-frame clip, then continue it, as
     `zoetrope generate` does for the built-in model (builtin.IMAGE_FIRST); `picture` overrides the clip's sampler
-    settings for that first frame (builtin.PICTURE: solver and cfg). `latents`, when given, collects each batch's
+    settings for that first frame (builtin.PICTURE: solver and guidance). `latents`, when given, collects each batch's
     normalised latents [b, z, T', h, w] before decoding."""
     p = plan(vae, world.FRAMES, world.SIZE, world.SIZE, patch=dit.config.patch_size)
     picture_shape = plan(vae, 1, world.SIZE, world.SIZE, patch=dit.config.patch_size).latent_shape
@@ -128,6 +128,9 @@ def main(argv=None) -> int:
                     help="the first-frame picture's solver, with --image-first (default %(default)s)")
     ap.add_argument("--picture-cfg", type=float, default=builtin.PICTURE["cfg"],
                     help="the first-frame picture's guidance, with --image-first (default %(default)s)")
+    ap.add_argument("--picture-high-noise-cfg", type=float, default=builtin.PICTURE["high_noise_cfg"],
+                    help="the first-frame picture's guidance for its noisiest steps (timestep 900 and up), with "
+                         "--image-first (default %(default)s)")
     ap.add_argument("--model", default=str(builtin.TRANSFORMER))
     ap.add_argument("--vae", default=str(builtin.VAE))
     ap.add_argument("--text-encoder", default=str(builtin.TEXT_ENCODER))
@@ -138,7 +141,8 @@ def main(argv=None) -> int:
     te = load_text_encoder(args.text_encoder, dtype=dtype)
     report = run(dit, vae, te, single=args.single, two=args.two, i2v=args.i2v, seed=args.seed, steps=args.steps,
                  cfg=args.cfg, shift=args.shift, solver=args.solver, out=Path(args.out), image_first=args.image_first,
-                 picture=dict(solver=args.picture_solver, cfg=args.picture_cfg))
+                 picture=dict(solver=args.picture_solver, cfg=args.picture_cfg,
+                              high_noise_cfg=args.picture_high_noise_cfg))
     print(json.dumps(report["summary"], indent=1))
     print(f"report and contact sheet in {args.out}/ ({report['seconds']} s)")
     return 0
