@@ -51,7 +51,8 @@ from zoetrope.pipeline import builtin, generate, load_text_encoder, load_transfo
 from zoetrope.pipeline.world import evaluate, scene as world
 
 ATTRIBUTES = {"colour": world.COLOURS, "shape": world.SHAPES, "size": world.SIZES, "motion": world.MOTIONS}
-SETTINGS = {k: builtin.DEFAULTS[k] for k in ("steps", "cfg", "shift", "solver")}     # what `zoetrope generate` uses
+SETTINGS = {**{k: builtin.DEFAULTS[k] for k in ("steps", "cfg", "shift", "solver")},
+            "high_noise_cfg": builtin.DEFAULTS["cfg_high"]}                            # what `zoetrope generate` uses
 PROBES = ("words", "image-to-video", "directions", "pictures", "shape-codes", "binding")
 
 

@@ -133,7 +133,8 @@ class ZoetropeSampler:
                            "while the high-noise expert runs), where the layout is decided; 'cfg' applies after. "
                            "Below 1 lets the layout form with less pull from the prompt: the built-in model's "
                            "first-frame picture uses 0.5, which more than halves its stray extra objects. 0 = the same as "
-                           "cfg (A14B: the model's recommendation)."}),
+                           "cfg; with cfg 0 too, the model's recommendation (Wan 2.2 A14B and the built-in model guide "
+                           "their noisiest steps harder)."}),
         }, "optional": {
             "first_frame": ("LATENT", {"tooltip": "Image-to-video: the start image's latent from ZoetropeVAEEncode, "
                                                   "the same width and height as the noise. The clip begins on it."}),
@@ -154,8 +155,11 @@ class ZoetropeSampler:
         dit = model.module
         rec = model.defaults
         steps = int(steps) or int(rec["steps"])
-        cfg_given = bool(cfg)
-        cfg = float(cfg) or float(rec["cfg"])
+        # Guidance below the boundary and at or above it (sampling.GUIDANCE_BOUNDARY; A14B: the experts' switch). A
+        # given cfg applies throughout unless high_noise_cfg is given too; 0 takes the model's recommendation, which
+        # is one scale for most models and two for A14B and the built-in model (cfg_high above the boundary).
+        cfg_low = float(cfg) or float(rec.get("cfg_low", rec["cfg"]))
+        cfg_high = float(high_noise_cfg) or (float(cfg) if cfg else float(rec.get("cfg_high", cfg_low)))
         shift = float(shift) or float(rec["shift"])
         solver = rec["solver"] if solver == "auto" else solver
         if solver not in sampling.SOLVERS:
@@ -168,10 +172,6 @@ class ZoetropeSampler:
         _check_model_takes(model, noise)
         b = noise.shape[0]
         cond = conditioning_rows(positive, b, dit.config.text_dim, "positive")
-        # Guidance below and above the boundary: one scale unless high_noise_cfg is set or an A14B pair has two.
-        cfg_low = cfg if cfg_given or low_noise_model is None else float(rec.get("cfg_low", cfg))
-        cfg_high = float(high_noise_cfg) or (
-            cfg if cfg_given or low_noise_model is None else float(rec.get("cfg_high", cfg)))
         uncond = None
         if sampling.needs_uncond(cfg_low) or sampling.needs_uncond(cfg_high):
             uncond = conditioning_rows(negative, b, dit.config.text_dim, "negative")
@@ -228,7 +228,7 @@ class ZoetropeSampler:
             try:
                 x = gen.sample(
                     net, noise.to(device), [c.to(device) for c in cond],
-                    None if uncond is None else [c.to(device) for c in uncond], steps=steps, cfg=cfg, shift=shift,
+                    None if uncond is None else [c.to(device) for c in uncond], steps=steps, cfg=cfg_low, shift=shift,
                     solver=solver, first_latent=to(first_latent), init_latent=to(init_latent), denoise=denoise,
                     experts=experts, seed=int(latent.get("seed", 0)), progress=progress,
                     should_stop=host.check_interrupt)

@@ -451,7 +451,8 @@ def test_the_shipped_model_draws_what_fresh_prompts_ask(tmp_path):
     d = builtin.DEFAULTS
     dit, vae, te = builtin.load(dtype=torch.float32)
     summary = report.run(dit, vae, te, single=12, two=0, i2v=6, seed=777, steps=d["steps"], cfg=d["cfg"],
-                         shift=d["shift"], solver=d["solver"], out=tmp_path, image_first=builtin.IMAGE_FIRST,
+                         high_noise_cfg=d["cfg_high"], shift=d["shift"], solver=d["solver"], out=tmp_path,
+                         image_first=builtin.IMAGE_FIRST,
                          picture=builtin.PICTURE,
                          progress=lambda *_: None)["summary"]
     assert summary["single_background"] == 1 and summary["single_colour"] >= 0.75, summary

@@ -95,7 +95,7 @@ def test_widget_order_is_the_released_one():
         "ZoetropeVAELoader": ["vae_name", "precision", "device"],
         "ZoetropeTextEncode": ["text"],
         "ZoetropeVideoNoise": ["width", "height", "frames", "batch", "seed", None],
-        "ZoetropeSampler": ["steps", "cfg", "shift", "solver", "denoise"],
+        "ZoetropeSampler": ["steps", "cfg", "shift", "solver", "denoise", "high_noise_cfg"],
         "ZoetropeVAEDecode": ["tile_size", "overlap"],
         "ZoetropeVAEEncode": ["width", "height"],
         "ZoetropeSaveVideo": ["fps", "format", "crf", "filename_prefix"],
@@ -263,6 +263,14 @@ def test_high_noise_cfg_guides_the_noisiest_steps_as_the_pipeline_does(models):
     _, plain_again = run_chain(models, frames=1, steps=4, cfg=1.0, solver="euler")
     assert torch.equal(plain["samples"], plain_again["samples"])
     assert (split["samples"] - plain["samples"]).abs().max() > 1e-3
+    # cfg 0 and high_noise_cfg 0 take the model's recommendation: for the built-in model, two scales.
+    rec = model.defaults
+    assert rec["cfg_high"] != rec["cfg"]
+    _, recommended = run_chain(models, frames=1, steps=4, cfg=0.0, solver="euler")
+    with torch.no_grad():
+        ref = gen.sample(model.module, noise["samples"], te.module.encode([PROMPT]), te.module.encode([""]), steps=4,
+                         cfg=rec["cfg"], shift=rec["shift"], solver="euler", high_noise_cfg=rec["cfg_high"])
+    torch.testing.assert_close(recommended["samples"], model.latent.denormalize(ref), rtol=0, atol=1e-4)
 
 
 def test_sampler_output_is_a_raw_latent_of_the_noise_shape(models):

@@ -63,7 +63,8 @@ def test_the_text_to_video_workflow_follows_the_built_in_models_settings():
     workflow = load("zoetrope_text_to_video.json")
     (note,) = nodes_of(workflow, "Note")
     text = note["widgets_values"][0].lower()
-    assert f"({d['steps']} steps, cfg {d['cfg']:g}, shift {d['shift']:g}, {d['solver']})" in text
+    assert (f"({d['steps']} steps, cfg {d['cfg_high']:g} for the noisiest steps then {d['cfg']:g}, "
+            f"shift {d['shift']:g}, {d['solver']})") in text
     assert f"{d['width']}x{d['height']}, {d['frames']} frames at {d['fps']} fps" in text
     (picture,) = [n for n in nodes_of(workflow, "ZoetropeSampler") if n.get("title") == "First frame (picture)"]
     steps, cfg, shift, solver, denoise, high_noise_cfg = picture["widgets_values"]

@@ -28,7 +28,8 @@ def _batches(items: list, size: int):
 
 @torch.no_grad()
 def generate_clips(dit, vae, te, prompts: list[str], first_frames: np.ndarray | None, *, seed: int, steps: int,
-                   cfg: float, shift: float, solver: str, batch: int = 16, image_first: bool = False,
+                   cfg: float, shift: float, solver: str, high_noise_cfg: float | None = None, batch: int = 16,
+                   image_first: bool = False,
                    picture: dict | None = None, latents: list | None = None) -> np.ndarray:
     """Clips for many prompts, `batch` at a time: uint8 [N, T, H, W, 3]. first_frames: uint8 [N, H, W, 3].
     image_first (text-to-video only): draw each first frame as a one-frame clip, then continue it, as
@@ -49,7 +50,8 @@ def generate_clips(dit, vae, te, prompts: list[str], first_frames: np.ndarray | 
             images = torch.from_numpy(first_frames[start:start + len(chunk)]).float() / 255      # [b, H, W, 3]
             video = torch.cat([frames_to_video(im[None]) for im in images])                      # [b, 3, 1, H, W]
             first = vae.normalize(vae.encode(video.to(device)).float())
-        settings = dict(steps=steps, cfg=cfg, shift=shift, solver=solver, seed=seed + start)
+        settings = dict(steps=steps, cfg=cfg, shift=shift, solver=solver, seed=seed + start,
+                        high_noise_cfg=high_noise_cfg)
         if first_frames is None and image_first:
             drawn = {**settings, **(picture or {})}
             first = sample(dit, seeded_noise((len(chunk), *picture_shape), seed + start).to(device), cond, uncond,
@@ -63,8 +65,8 @@ def generate_clips(dit, vae, te, prompts: list[str], first_frames: np.ndarray | 
 
 
 def run(dit, vae, te, *, single: int, two: int, i2v: int, seed: int, steps: int, cfg: float, shift: float,
-        solver: str, out: Path, image_first: bool, picture: dict | None = None, batch: int = 16,
-        progress=print) -> dict:
+        solver: str, out: Path, image_first: bool, high_noise_cfg: float | None = None, picture: dict | None = None,
+        batch: int = 16, progress=print) -> dict:
     rng = np.random.default_rng(seed)
     cases = ([("single", world.sample_scene(rng, 1)) for _ in range(single)]
              + [("two", world.sample_scene(rng, 2)) for _ in range(two)]
@@ -78,7 +80,8 @@ def run(dit, vae, te, *, single: int, two: int, i2v: int, seed: int, steps: int,
         prompts = [world.prompt(s) for s in scenes]
         firsts = np.stack([world.render(s, world.SIZE, 1)[0] for s in scenes]) if kind == "i2v" else None
         made = generate_clips(dit, vae, te, prompts, firsts, seed=seed + len(results), steps=steps, cfg=cfg,
-                              shift=shift, solver=solver, batch=batch, image_first=image_first, picture=picture)
+                              high_noise_cfg=high_noise_cfg, shift=shift, solver=solver, batch=batch,
+                              image_first=image_first, picture=picture)
         for prompt, clip in zip(prompts, made):
             s = evaluate.score(clip, prompt, image_to_video=kind == "i2v")
             s.pop("detections")
@@ -86,8 +89,9 @@ def run(dit, vae, te, *, single: int, two: int, i2v: int, seed: int, steps: int,
             clips.append(clip)
         progress(f"{kind}: {len(scenes)} clips scored ({time.time() - t0:.0f} s)")
     summary = evaluate.summarise(results)
-    report = {"settings": dict(seed=seed, steps=steps, cfg=cfg, shift=shift, solver=solver, single=single, two=two,
-                               i2v=i2v, image_first=image_first, picture=picture if image_first else None),
+    report = {"settings": dict(seed=seed, steps=steps, cfg=cfg, high_noise_cfg=high_noise_cfg, shift=shift,
+                               solver=solver, single=single, two=two, i2v=i2v, image_first=image_first,
+                               picture=picture if image_first else None),
               "summary": summary, "seconds": round(time.time() - t0, 1), "clips": results}
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
@@ -119,6 +123,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=20261126, help="prompts and noise (the training never used it)")
     ap.add_argument("--steps", type=int, default=d["steps"])
     ap.add_argument("--cfg", type=float, default=d["cfg"])
+    ap.add_argument("--high-noise-cfg", type=float, default=d["cfg_high"],
+                    help="the clip's guidance for its noisiest steps (timestep 900 and up); --cfg after "
+                         "(default %(default)s)")
     ap.add_argument("--shift", type=float, default=d["shift"])
     ap.add_argument("--solver", default=d["solver"], choices=sorted(sampling.SOLVERS))
     ap.add_argument("--image-first", action=argparse.BooleanOptionalAction, default=builtin.IMAGE_FIRST,
@@ -140,7 +147,8 @@ def main(argv=None) -> int:
     dit, vae = load_transformer(args.model, dtype=dtype), load_vae(args.vae, dtype=dtype)
     te = load_text_encoder(args.text_encoder, dtype=dtype)
     report = run(dit, vae, te, single=args.single, two=args.two, i2v=args.i2v, seed=args.seed, steps=args.steps,
-                 cfg=args.cfg, shift=args.shift, solver=args.solver, out=Path(args.out), image_first=args.image_first,
+                 cfg=args.cfg, high_noise_cfg=args.high_noise_cfg, shift=args.shift, solver=args.solver,
+                 out=Path(args.out), image_first=args.image_first,
                  picture=dict(solver=args.picture_solver, cfg=args.picture_cfg,
                               high_noise_cfg=args.picture_high_noise_cfg))
     print(json.dumps(report["summary"], indent=1))
