@@ -132,9 +132,9 @@ class ZoetropeSampler:
                 "tooltip": "Guidance scale for the first, noisiest steps (timestep 900 and up; Wan 2.2 A14B: "
                            "while the high-noise expert runs), where the layout is decided; 'cfg' applies after. "
                            "Below 1 lets the layout form with less pull from the prompt: the built-in model's "
-                           "first-frame picture uses 0.5, which more than halves its stray extra objects. 0 = the same as "
-                           "cfg; with cfg 0 too, the model's recommendation (Wan 2.2 A14B and the built-in model guide "
-                           "their noisiest steps harder)."}),
+                           "first-frame picture uses 0.5, which more than halves its stray extra objects. 0 = the "
+                           "same as cfg; with cfg 0 too, the model's recommendation (Wan 2.2 A14B and the built-in "
+                           "model guide their noisiest steps harder)."}),
         }, "optional": {
             "first_frame": ("LATENT", {"tooltip": "Image-to-video: the start image's latent from ZoetropeVAEEncode, "
                                                   "the same width and height as the noise. The clip begins on it."}),
