@@ -203,12 +203,9 @@ class ZoetropeSampler:
             low = _Net(low_noise_model)
             net.other, low.other = low, net
             experts = (net, low, float(rec.get("boundary", 0.875)), cfg_high, cfg_low)
-        else:
-            if "boundary" in rec:
-                log.warning("Zoetrope: %s is one expert of Wan 2.2 A14B; connect the other one to low_noise_model "
-                            "for the full model (sampling with this expert alone)", model.label)
-            if cfg_high != cfg_low:
-                experts = (net, net, float(rec.get("boundary", sampling.GUIDANCE_BOUNDARY)), cfg_high, cfg_low)
+        elif "boundary" in rec:
+            log.warning("Zoetrope: %s is one expert of Wan 2.2 A14B; connect the other one to low_noise_model for "
+                        "the full model (sampling with this expert alone)", model.label)
 
         denoise = denoise if video is not None else 1.0
         sigmas = sampling.sigmas_for_denoise(sampling.default_sigmas(solver, steps, shift), denoise)
@@ -230,12 +227,13 @@ class ZoetropeSampler:
                     net, noise.to(device), [c.to(device) for c in cond],
                     None if uncond is None else [c.to(device) for c in uncond], steps=steps, cfg=cfg_low, shift=shift,
                     solver=solver, first_latent=to(first_latent), init_latent=to(init_latent), denoise=denoise,
-                    experts=experts, seed=int(latent.get("seed", 0)), progress=progress,
-                    should_stop=host.check_interrupt)
+                    experts=experts, high_noise_cfg=cfg_high,
+                    boundary=float(rec.get("boundary", sampling.GUIDANCE_BOUNDARY)), seed=int(latent.get("seed", 0)),
+                    progress=progress, should_stop=host.check_interrupt)
             finally:
                 if live is not None:
                     live.close()
-                for n in dict.fromkeys((net, *(experts[1:2] if experts else ()))):
+                for n in (net, *(experts[1:2] if experts else ())):
                     n.release()
         return ({"samples": fmt.denormalize(x).to(host.intermediate_device())},)
 

@@ -118,15 +118,16 @@ def make_denoiser(dit, cond: list[torch.Tensor], uncond: list[torch.Tensor] | No
 def sample(dit, noise: torch.Tensor, cond: list[torch.Tensor], uncond: list[torch.Tensor] | None, *, steps: int,
            cfg: float, shift: float, solver: str = "unipc", first_latent: torch.Tensor | None = None,
            image_condition: torch.Tensor | None = None, init_latent: torch.Tensor | None = None,
-           denoise: float = 1.0, experts=None, high_noise_cfg: float | None = None, seed: int = 0,
-           progress: Progress | None = None, should_stop: Callable[[], None] | None = None) -> torch.Tensor:
+           denoise: float = 1.0, experts=None, high_noise_cfg: float | None = None,
+           boundary: float = sampling.GUIDANCE_BOUNDARY, seed: int = 0, progress: Progress | None = None,
+           should_stop: Callable[[], None] | None = None) -> torch.Tensor:
     """Phase 4 of generate(), shared with the sampler node: noise [B, C, F, H, W] -> clean latent, all in the
     model's normalised latent space. `seed` seeds the noise a stochastic solver adds on the way (the clip's
     seed: same seed, same clip).
 
-    high_noise_cfg: the guidance scale while the timestep is at or above sampling.GUIDANCE_BOUNDARY (`cfg` below
-    it), as Wan 2.2 A14B's two experts each have their own; None = `cfg` throughout. Ignored with `experts`, which
-    carry their own scales.
+    high_noise_cfg: the guidance scale while the timestep is at or above `boundary` (x 1000; `cfg` below it), as
+    Wan 2.2 A14B's two experts each have their own; None = `cfg` throughout. Ignored with `experts`, which carry
+    their own scales and boundary.
 
     first_latent [B or 1, C, 1, H, W]: a clean first latent frame to pin (TI2V, the built-in model).
     image_condition: the in_dim-36 models' extra channels. init_latent [B or 1, C, F, H, W]: a clip to restyle,
@@ -139,7 +140,7 @@ def sample(dit, noise: torch.Tensor, cond: list[torch.Tensor], uncond: list[torc
         pinned_mask = torch.ones_like(noise)
         pinned_mask[:, :, :1] = 0
     if experts is None and high_noise_cfg is not None and high_noise_cfg != cfg:
-        experts = (dit, dit, sampling.GUIDANCE_BOUNDARY, high_noise_cfg, cfg)
+        experts = (dit, dit, boundary, high_noise_cfg, cfg)
     sigmas = sampling.default_sigmas(solver, steps, shift)
     x = noise
     if init_latent is not None:
