@@ -44,7 +44,7 @@ def test_training_smoke_run_writes_files_the_public_loaders_read(tmp_path):
     assert te.tokenizer.unknown_words(world.prompt(world.sample_scene(np.random.default_rng(0), 2))) == []
     # Every stage left a finished marker, so a second run resumes instead of training again.
     assert sorted(p.name for p in (tmp_path / "work").glob("*.done")) == [
-        "decoder.done", "latents.done", "transformer.done", "vae.done"]
+        "decoder.done", "latents.done", "transformer.done", "vae.done", "wide-decoder.done"]
 
 
 def test_an_unfinished_stage_resumes_from_its_checkpoint(tmp_path):
@@ -409,6 +409,27 @@ def test_tuning_the_decoder_leaves_the_encoder_as_it_was_and_resumes_as_finished
     again = train.tune_decoder(tmp_path, train.train_vae(tmp_path, train.SMOKE, 0, torch.device("cpu"), quiet),
                                train.SMOKE, 0, torch.device("cpu"), None)      # finished: loads, no loop
     assert all(torch.equal(v, after[k]) for k, v in again.state_dict().items())
+
+
+def test_the_wide_decoder_is_trained_on_the_frozen_encoder_and_resumes_as_finished(tmp_path):
+    joint = train.train_vae(tmp_path, train.SMOKE, 0, torch.device("cpu"), quiet)
+    assert joint.config.dec_dim == train.JOINT_DECODER_DIM < train.VAE_CONFIG.dec_dim
+    encoder = {k: v.clone() for k, v in joint.state_dict().items() if k.startswith(("encoder.", "conv1."))}
+    wide = train.train_wide_decoder(tmp_path, joint, train.SMOKE, 0, torch.device("cpu"), quiet)
+    # The exported VAE's shape, the joint VAE's encoder untouched, a decoder of its own that trained.
+    assert wide.config == train.VAE_CONFIG
+    assert all(torch.equal(v, wide.state_dict()[k]) for k, v in encoder.items())
+    fresh = torch.load(tmp_path / "wide-decoder.pt", weights_only=False)
+    assert fresh["step"] == train.SMOKE.wide_decoder_steps and (tmp_path / "wide-decoder.done").exists()
+    video = torch.zeros(1, 3, 5, 32, 32)
+    assert wide.decode(wide.encode(video)).shape == video.shape
+    torch.manual_seed(3)
+    untrained = train.WanVAE(train.VAE_CONFIG).state_dict()
+    assert any(not torch.equal(untrained[k], v) for k, v in wide.state_dict().items() if k.startswith("decoder."))
+    again = train.train_wide_decoder(tmp_path, joint, train.SMOKE, 0, torch.device("cpu"), None)   # loads, no loop
+    assert all(torch.equal(v, wide.state_dict()[k]) for k, v in again.state_dict().items())
+    # Without wide-decoder steps the VAE stage trains the exported VAE itself.
+    assert train.joint_vae_config(replace(train.SMOKE, wide_decoder_steps=0)) == train.VAE_CONFIG
 
 
 def test_sharpened_samples_start_from_a_blurred_latent_and_still_aim_at_the_sharp_one():

@@ -3,6 +3,7 @@
 Stages, each resumable (a checkpoint every few minutes; a finished stage is skipped on the next run):
   1. vae         a small Wan 2.2-style causal VAE (residual stages), 4x in time and 4x in space (Wan 2.1's is
                  4x8x8): 64x64 frames to 16x16 latents; trained on Shapes World clips of 1 to 17 frames, mostly crops
+     wide-decoder the exported decoder, twice as wide, trained from scratch on the frozen encoder (train_wide_decoder)
      decoder     (when Budget.decoder_steps > 0, with the VAE stage) the decoder alone tuned against a patch critic on
                  perturbed latents, so that the transformer's drawn latents decode to straight outlines (tune_decoder)
   2. latents     the tokenizer (SentencePiece over the world's words, stored in the text-encoder file) and a pool
@@ -15,10 +16,12 @@ Stages, each resumable (a checkpoint every few minutes; a finished stage is skip
 
 Everything is seeded. One command runs them all:
     zoetrope train-builtin --work builtin-training
-Measured on a 2-core AVX-512 CPU without native bf16 (fp32; ops.bf16_native): VAE 42 min (2500 steps) and its
-decoder tuning 12 min, latent pool 4.3 min, transformer about 118 min (1.5-2 s a step; its halves about 61 and 57);
-2 h 56 min in all. An earlier recipe (4000 VAE and 6000 transformer steps, no decoder tuning) measured on a 2-core CPU
-that computes in bf16: VAE 41.5 min, transformer 110.3 min (1.0-1.2 s a step). One with AVX2 only takes several
+Measured on a 2-core CPU with native bf16 (AVX512-BF16: autocast computes in bf16, ops.bf16_native), the last
+full run, its wide decoder trained with the encoder (wide_decoder_steps 0): VAE 32.6 min (2500 steps) and its decoder
+tuning 11 min, latent pool 1.8 min, transformer 61 min (0.9 s a step; its halves 31 and 30 min); 1 h 47 min in all.
+With the wide decoder's own stage (the default) the joint VAE takes about 21 min there (0.5 s a step) and the wide
+decoder about 24 (0.73 s a step), about 2 h in all (from 100-step runs; no full run of it yet). A 2-core AVX-512 CPU without native bf16 trains in fp32, about twice as long: the recipe with a 16-channel
+decoder only took 2 h 56 min there, so with the wide decoder it runs over 3 hours. One with AVX2 only takes several
 times as long. `--only STAGE` runs one stage. A GPU, when present, is used and takes minutes.
 """
 from __future__ import annotations
@@ -53,11 +56,14 @@ log = logging.getLogger("zoetrope.train")
 # Wan 2.2's residual ones (a parameter-free shortcut around each down/up stage): rendered clips encoded and decoded
 # (48 single-object clips, 2400 steps, benchmarks/latent_space.py's measure) came back with every attribute right in
 # 75% against 48% for the same channels without the shortcuts, and 31% for twice the channels without them.
-# The decoder has twice the encoder's channels: with 16 it drew moving squares and triangles rounder than their codes
-# say (moving triangles encoded and decoded: 54% right against 77% with 32; generated clips' shape 69.5% -> 77.5%,
-# docs/built-in-model-recipe.md), and decoding is the cheap end of generation.
+# The exported decoder has twice the encoder's channels: with 16 it drew moving squares and triangles rounder than
+# their codes say (moving triangles encoded and decoded: 54% right against 77% with 32; generated clips' shape 69.5%
+# -> 77.5%, docs/built-in-model-recipe.md), and decoding is the cheap end of generation. The VAE stage trains the
+# encoder with a decoder of JOINT_DECODER_DIM channels, and the wide one is then trained on the frozen encoder
+# (train_wide_decoder): trained with the encoder from the start, the wide decoder reached shape 69% in a full run.
 VAE_CONFIG = VAEConfig(dim=16, dec_dim=32, z_dim=16, dim_mult=(1, 2, 2), num_res_blocks=1,
                        temporal_downsample=(True, True), residual=True)
+JOINT_DECODER_DIM = 16
 TEXT_CONFIG = TextEncoderConfig(vocab_size=256, dim=128, dim_attn=128, dim_ffn=256, num_heads=4, num_layers=2,
                                 num_buckets=32, max_distance=64)
 DIT_CONFIG = DiTConfig(dim=192, ffn_dim=768, num_heads=3, num_layers=6, in_dim=16, out_dim=16,
@@ -102,6 +108,8 @@ class Budget:
     vae_decoder_blur: float = 0.5     # share of VAE steps whose decoder reads blurred latents (_blur_latent)
     sharpen_share: float = 0.3   # share of transformer samples noised from a blurred latent, to be sharpened (see
                                  # _flow_loss)
+    wide_decoder_steps: int = 2000  # steps of train_wide_decoder after the joint VAE (0: VAE_CONFIG's decoder trains
+                                    # with the encoder instead)
     decoder_steps: int = 1200    # steps of tune_decoder after the VAE stage
     decoder_critic: float = 1.0  # the patch critic's weight in tune_decoder, relative to VQGAN's adaptive one
     clause_weight: float = 0.1   # weight of the text encoder's object-phrase loss (ClauseProbe): it took
@@ -110,7 +118,7 @@ class Budget:
 
 
 SMOKE = Budget(vae_steps=3, vae_batch=2, pool_clips=8, dit_steps=3, dit_batch=4,
-               image_batch=4, stats_clips=4, decoder_steps=2)
+               image_batch=4, stats_clips=4, decoder_steps=2, wide_decoder_steps=2)
 
 SIZE, FRAMES = 64, 17
 
@@ -221,13 +229,9 @@ def train_vae(work: Path, budget: Budget, seed: int, device: torch.device, progr
     """Stage 1: encoder and decoder together, on clips of 1 to 17 frames (mostly crops around objects), by
     object-weighted L1 + L2, a small latent penalty and the anchor loss."""
     torch.manual_seed(seed)
-    vae = WanVAE(VAE_CONFIG).to(device)
+    vae = WanVAE(joint_vae_config(budget)).to(device)
     probe = ShapeProbe(VAE_CONFIG.z_dim).to(device) if budget.vae_shape_probe > 0 else None
     params = list(vae.parameters()) + (list(probe.parameters()) if probe is not None else [])
-    # Single frames, and clips of two to five chunks: later chunks read the causal cache of an earlier chunk
-    # that was itself not the first, which a 5-frame clip never shows; whole 17-frame clips keep the last
-    # chunks from drifting.
-    counts, weights = (1, 5, 9, 17), (0.1, 0.4, 0.3, 0.2)
     stage, rng = Stage(work, "vae"), np.random.default_rng(seed)
     opt = torch.optim.AdamW(params, lr=budget.lr_vae, weight_decay=1e-4, betas=(0.9, 0.99))
     step = 0
@@ -246,14 +250,8 @@ def train_vae(work: Path, budget: Budget, seed: int, device: torch.device, progr
         lr = _cosine(step, budget.vae_steps, budget.lr_vae, warmup=100)
         for g in opt.param_groups:
             g["lr"] = lr
-        t = int(rng.choice(counts, p=weights))
-        # Mostly crops around objects; every fourth step whole frames, so the borders and the mid-block's
-        # attention also see the full picture. Longer clips get smaller batches: about the same pixels a step.
-        whole = step % 4 == 3
-        batch = max(1, budget.vae_batch * 5 // max(t, 5) // (2 if whole else 1))
-        video, _, maps = _clips(rng, batch, t, crop=None if whole else budget.vae_crop, shapes=probe is not None)
+        video, maps, blur = _vae_batch(rng, step, budget, shapes=probe is not None)
         video = video.to(device)
-        blur = budget.vae_decoder_blur > 0 and rng.random() < budget.vae_decoder_blur
         with _autocast(device):
             mu = vae.encode(video)
             recon = vae.decode(_blur_latent(mu) if blur else mu, clamp=False).float()
@@ -280,6 +278,85 @@ def train_vae(work: Path, budget: Budget, seed: int, device: torch.device, progr
                        done=step == budget.vae_steps)
             last_save = time.time()
     bar.close()
+    return vae.eval()
+
+
+def joint_vae_config(budget: Budget) -> VAEConfig:
+    """The VAE the VAE stage trains: VAE_CONFIG, with a JOINT_DECODER_DIM decoder when a wide one follows."""
+    return replace(VAE_CONFIG, dec_dim=JOINT_DECODER_DIM) if budget.wide_decoder_steps > 0 else VAE_CONFIG
+
+
+def _vae_batch(rng: np.random.Generator, step: int, budget: Budget, shapes: bool):
+    """One VAE training batch: (video, shape maps or None, whether the decoder reads blurred latents)."""
+    # Single frames, and clips of two to five chunks: later chunks read the causal cache of an earlier chunk that
+    # was itself not the first, which a 5-frame clip never shows; whole 17-frame clips keep the last chunks from
+    # drifting.
+    t = int(rng.choice((1, 5, 9, 17), p=(0.1, 0.4, 0.3, 0.2)))
+    # Mostly crops around objects; every fourth step whole frames, so the borders and the mid-block's attention
+    # also see the full picture. Longer clips get smaller batches: about the same pixels a step.
+    whole = step % 4 == 3
+    batch = max(1, budget.vae_batch * 5 // max(t, 5) // (2 if whole else 1))
+    video, _, maps = _clips(rng, batch, t, crop=None if whole else budget.vae_crop, shapes=shapes)
+    blur = budget.vae_decoder_blur > 0 and rng.random() < budget.vae_decoder_blur
+    return video, maps, blur
+
+
+def train_wide_decoder(work: Path, joint: WanVAE, budget: Budget, seed: int, device: torch.device,
+                       progress) -> WanVAE:
+    """Stage 1a: VAE_CONFIG's (wider) decoder from scratch on the VAE stage's frozen encoder, by the VAE stage's
+    clips, loss and decoder blur. Returns the VAE of VAE_CONFIG: that encoder, this decoder.
+
+    Why from scratch on a frozen encoder: its every step is spent on the one latent space the transformer will be
+    trained on. A 32-channel decoder trained this way on a finished encoder took generated clips' shape from 69.5%
+    to 77.5%; trained with the encoder from the start, 69% (docs/built-in-model-recipe.md)."""
+    stage = Stage(work, "wide-decoder")
+    torch.manual_seed(seed + 3)
+    vae = WanVAE(VAE_CONFIG).to(device)
+    encoder = {k: v for k, v in joint.state_dict().items() if not k.startswith(("decoder.", "conv2."))}
+    missing, unexpected = vae.load_state_dict(encoder, strict=False)
+    assert not unexpected and all(k.startswith(("decoder.", "conv2.")) for k in missing), (missing, unexpected)
+    params = list(vae.conv2.parameters()) + list(vae.decoder.parameters())
+    vae.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=budget.lr_vae, weight_decay=1e-4, betas=(0.9, 0.99))
+    step, rng = 0, np.random.default_rng(seed + 3)
+    state = stage.load()
+    if state is not None:
+        vae.load_state_dict(state["model"])
+        if stage.done:
+            vae.requires_grad_(True)
+            return vae.eval()
+        opt.load_state_dict(state["opt"])
+        step, rng = state["step"], state["rng"]
+    vae.train()
+    last_save, bar = time.time(), progress(budget.wide_decoder_steps, stage.name, step)
+    while step < budget.wide_decoder_steps:
+        lr = _cosine(step, budget.wide_decoder_steps, budget.lr_vae, warmup=100)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        video, _, blur = _vae_batch(rng, step, budget, shapes=False)
+        video = video.to(device)
+        with _autocast(device):
+            with torch.no_grad():
+                mu = vae.encode(video)
+            recon = vae.decode(_blur_latent(mu) if blur else mu, clamp=False).float()
+        loss = _reconstruction_loss(recon, video)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
+        if step % 100 == 0:
+            log.info("wide decoder step %d loss %.5f", step, loss.item())
+        if time.time() - last_save > 180 or step == budget.wide_decoder_steps:
+            stage.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "rng": rng},
+                       done=step == budget.wide_decoder_steps)
+            last_save = time.time()
+    bar.close()
+    vae.requires_grad_(True)
     return vae.eval()
 
 
@@ -824,7 +901,7 @@ def export(out: Path, vae: WanVAE, dit: WanModel, text_encoder: TextEncoder, te_
 
 
 # Budget fields the command line may override (--vae-steps etc.).
-_BUDGET_FLAGS = ("vae_steps", "decoder_steps", "dit_steps", "pool_clips", "dit_batch", "image_batch", "vae_batch")
+_BUDGET_FLAGS = ("vae_steps", "wide_decoder_steps", "decoder_steps", "dit_steps", "pool_clips", "dit_batch", "image_batch", "vae_batch")
 
 
 def main(argv=None) -> int:
@@ -866,6 +943,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     only = args.only
     vae = train_vae(work, budget, args.seed, device, progress)
+    if budget.wide_decoder_steps > 0:
+        vae = train_wide_decoder(work, vae, budget, args.seed, device, progress)
     if budget.decoder_steps > 0:
         vae = tune_decoder(work, vae, budget, args.seed, device, progress)
     attach_latent_stats(vae, args.seed, device, budget.stats_clips)
