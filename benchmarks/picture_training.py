@@ -148,8 +148,7 @@ def train_pictures(pool, tokenizer, budget: train.Budget, dit_config, steps: int
     rng, gen = np.random.default_rng(SEED + 3), torch.Generator().manual_seed(SEED + 4)
     start = time.time()
     for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = train._cosine(step, steps, budget.lr_dit, warmup=100)
+        train._set_cosine_lr(opt, step, steps, budget.lr_dit, warmup=100)
         idx = rng.integers(len(scenes), size=batch).tolist()
         loss = train._flow_loss(dit, encoder, tokenizer, pictures[idx], [scenes[i] for i in idx], rng, gen, budget,
                                 device, i2v=False)

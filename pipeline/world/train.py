@@ -20,9 +20,10 @@ Measured on a 2-core CPU with native bf16 (AVX512-BF16: autocast computes in bf1
 full run, its wide decoder trained with the encoder (wide_decoder_steps 0): VAE 32.6 min (2500 steps) and its decoder
 tuning 11 min, latent pool 1.8 min, transformer 61 min (0.9 s a step; its halves 31 and 30 min); 1 h 47 min in all.
 With the wide decoder's own stage (the default) the joint VAE takes about 21 min there (0.5 s a step) and the wide
-decoder about 24 (0.73 s a step), about 2 h in all (from 100-step runs; no full run of it yet). A 2-core AVX-512 CPU without native bf16 trains in fp32, about twice as long: the recipe with a 16-channel
-decoder only took 2 h 56 min there, so with the wide decoder it runs over 3 hours. One with AVX2 only takes several
-times as long. `--only STAGE` runs one stage. A GPU, when present, is used and takes minutes.
+decoder about 24 (0.73 s a step), about 2 h in all (from 100-step runs; no full run of it yet). A 2-core AVX-512 CPU
+without native bf16 trains in fp32, about twice as long: the recipe with a 16-channel decoder only took 2 h 56 min
+there, so with the wide decoder it runs over 3 hours. One with AVX2 only takes several times as long. `--only
+STAGE` runs one stage. A GPU, when present, is used and takes minutes.
 """
 from __future__ import annotations
 
@@ -247,9 +248,7 @@ def train_vae(work: Path, budget: Budget, seed: int, device: torch.device, progr
     vae.train()
     last_save, bar = time.time(), progress(budget.vae_steps, stage.name, step)
     while step < budget.vae_steps:
-        lr = _cosine(step, budget.vae_steps, budget.lr_vae, warmup=100)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = _set_cosine_lr(opt, step, budget.vae_steps, budget.lr_vae, warmup=100)
         video, maps, blur = _vae_batch(rng, step, budget, shapes=probe is not None)
         video = video.to(device)
         with _autocast(device):
@@ -312,13 +311,9 @@ def train_wide_decoder(work: Path, joint: WanVAE, budget: Budget, seed: int, dev
     stage = Stage(work, "wide-decoder")
     torch.manual_seed(seed + 3)
     vae = WanVAE(VAE_CONFIG).to(device)
-    encoder = {k: v for k, v in joint.state_dict().items() if not k.startswith(("decoder.", "conv2."))}
-    missing, unexpected = vae.load_state_dict(encoder, strict=False)
-    assert not unexpected and all(k.startswith(("decoder.", "conv2.")) for k in missing), (missing, unexpected)
-    params = list(vae.conv2.parameters()) + list(vae.decoder.parameters())
-    vae.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
+    vae.encoder.load_state_dict(joint.encoder.state_dict())
+    vae.conv1.load_state_dict(joint.conv1.state_dict())
+    params = _decoder_only(vae)
     opt = torch.optim.AdamW(params, lr=budget.lr_vae, weight_decay=1e-4, betas=(0.9, 0.99))
     step, rng = 0, np.random.default_rng(seed + 3)
     state = stage.load()
@@ -332,9 +327,7 @@ def train_wide_decoder(work: Path, joint: WanVAE, budget: Budget, seed: int, dev
     vae.train()
     last_save, bar = time.time(), progress(budget.wide_decoder_steps, stage.name, step)
     while step < budget.wide_decoder_steps:
-        lr = _cosine(step, budget.wide_decoder_steps, budget.lr_vae, warmup=100)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = _set_cosine_lr(opt, step, budget.wide_decoder_steps, budget.lr_vae, warmup=100)
         video, _, blur = _vae_batch(rng, step, budget, shapes=False)
         video = video.to(device)
         with _autocast(device):
@@ -358,6 +351,16 @@ def train_wide_decoder(work: Path, joint: WanVAE, budget: Budget, seed: int, dev
     bar.close()
     vae.requires_grad_(True)
     return vae.eval()
+
+
+def _decoder_only(vae: WanVAE) -> list[torch.nn.Parameter]:
+    """Freeze the encoder side of `vae` (its latents keep their meaning) and return the decoder side's parameters,
+    the ones to train. The caller sets vae.requires_grad_(True) again when done."""
+    params = list(vae.conv2.parameters()) + list(vae.decoder.parameters())
+    vae.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    return params
 
 
 def _blur_latent(z: torch.Tensor) -> torch.Tensor:
@@ -435,10 +438,7 @@ def tune_decoder(work: Path, vae: WanVAE, budget: Budget, seed: int, device: tor
         return vae.eval()
     torch.manual_seed(seed + 5)
     critic = PatchCritic().to(device)
-    params = list(vae.conv2.parameters()) + list(vae.decoder.parameters())
-    vae.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
+    params = _decoder_only(vae)
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.5, 0.9), weight_decay=0.0)
     opt_critic = torch.optim.AdamW(critic.parameters(), lr=4e-4, betas=(0.5, 0.9), weight_decay=0.0)
     step, rng, gen = 0, np.random.default_rng(seed + 5), torch.Generator().manual_seed(seed + 5)
@@ -690,9 +690,7 @@ def train_transformer(work: Path, pool: dict, spiece: bytes, budget: Budget, see
     encoder.train()
     last_save, bar = time.time(), progress(end, "transformer", step)
     while step < end:
-        lr = _cosine(step, budget.dit_steps, budget.lr_dit, warmup=200)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = _set_cosine_lr(opt, step, budget.dit_steps, budget.lr_dit, warmup=200)
         idx = rng.integers(len(scenes), size=budget.dit_batch).tolist()
         loss = _flow_loss(dit, encoder, tokenizer, latents[idx].float().to(device), [scenes[i] for i in idx], rng,
                           gen, budget, device, i2v=True, clause_probe=probe)
@@ -871,6 +869,14 @@ def _ema_update(ema_model, model, decay: float):
         e.lerp_(p.detach(), 1 - decay)
 
 
+def _set_cosine_lr(opt, step: int, total: int, peak: float, warmup: int) -> float:
+    """Set every parameter group of `opt` to _cosine's learning rate for `step`, and return it."""
+    lr = _cosine(step, total, peak, warmup)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    return lr
+
+
 def _cosine(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -901,7 +907,8 @@ def export(out: Path, vae: WanVAE, dit: WanModel, text_encoder: TextEncoder, te_
 
 
 # Budget fields the command line may override (--vae-steps etc.).
-_BUDGET_FLAGS = ("vae_steps", "wide_decoder_steps", "decoder_steps", "dit_steps", "pool_clips", "dit_batch", "image_batch", "vae_batch")
+_BUDGET_FLAGS = ("vae_steps", "wide_decoder_steps", "decoder_steps", "dit_steps", "pool_clips", "dit_batch",
+                 "image_batch", "vae_batch")
 
 
 def main(argv=None) -> int:
