@@ -411,6 +411,16 @@ def test_tuning_the_decoder_leaves_the_encoder_as_it_was_and_resumes_as_finished
     assert all(torch.equal(v, after[k]) for k, v in again.state_dict().items())
 
 
+def test_a_work_folder_from_a_recipe_with_another_vae_shape_is_refused_with_what_to_do(tmp_path):
+    """A VAE checkpoint saved by an earlier recipe (here: the exported config, where the stage now trains a narrower
+    decoder) is not silently mixed in: the error names the file and says to use a new --work folder."""
+    wide = train.WanVAE(train.VAE_CONFIG)
+    torch.save({"model": wide.state_dict(), "step": 3}, tmp_path / "vae.pt")
+    (tmp_path / "vae.done").write_text("earlier")
+    with pytest.raises(RuntimeError, match=r"vae\.pt holds a WanVAE of another shape.*new --work folder"):
+        train.train_vae(tmp_path, train.SMOKE, 0, torch.device("cpu"), quiet)
+
+
 def test_the_wide_decoder_is_trained_on_the_frozen_encoder_and_resumes_as_finished(tmp_path):
     joint = train.train_vae(tmp_path, train.SMOKE, 0, torch.device("cpu"), quiet)
     assert joint.config.dec_dim == train.JOINT_DECODER_DIM < train.VAE_CONFIG.dec_dim

@@ -151,6 +151,17 @@ class Stage:
     def load(self):
         return torch.load(self.path, weights_only=False) if self.path.exists() else None
 
+    def restore(self, module: torch.nn.Module, weights: dict) -> None:
+        """Load a checkpoint's weights into `module`, or say what to do when an earlier recipe saved another shape."""
+        try:
+            module.load_state_dict(weights)
+        except RuntimeError as e:
+            detail = str(e).strip().splitlines()[-1].strip()
+            raise RuntimeError(
+                f"{self.path} holds a {type(module).__name__} of another shape than this version of train-builtin "
+                f"trains ({detail}); train into a new --work folder, or delete {self.path.name} and "
+                f"{self.done_path.name} to redo the '{self.name}' stage") from e
+
     def save(self, state: dict, done: bool = False):
         tmp = self.path.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -238,7 +249,7 @@ def train_vae(work: Path, budget: Budget, seed: int, device: torch.device, progr
     step = 0
     state = stage.load()
     if state is not None:
-        vae.load_state_dict(state["model"])
+        stage.restore(vae, state["model"])
         if stage.done:
             return vae.eval()
         if probe is not None:
@@ -318,7 +329,7 @@ def train_wide_decoder(work: Path, joint: WanVAE, budget: Budget, seed: int, dev
     step, rng = 0, np.random.default_rng(seed + 3)
     state = stage.load()
     if state is not None:
-        vae.load_state_dict(state["model"])
+        stage.restore(vae, state["model"])
         if stage.done:
             vae.requires_grad_(True)
             return vae.eval()
@@ -434,7 +445,7 @@ def tune_decoder(work: Path, vae: WanVAE, budget: Budget, seed: int, device: tor
     stage = Stage(work, "decoder")
     state = stage.load()
     if state is not None and stage.done:
-        vae.load_state_dict(state["model"])
+        stage.restore(vae, state["model"])
         return vae.eval()
     torch.manual_seed(seed + 5)
     critic = PatchCritic().to(device)
@@ -443,7 +454,7 @@ def tune_decoder(work: Path, vae: WanVAE, budget: Budget, seed: int, device: tor
     opt_critic = torch.optim.AdamW(critic.parameters(), lr=4e-4, betas=(0.5, 0.9), weight_decay=0.0)
     step, rng, gen = 0, np.random.default_rng(seed + 5), torch.Generator().manual_seed(seed + 5)
     if state is not None:
-        vae.load_state_dict(state["model"])
+        stage.restore(vae, state["model"])
         critic.load_state_dict(state["critic"])
         opt.load_state_dict(state["opt"])
         opt_critic.load_state_dict(state["opt_critic"])
@@ -666,7 +677,7 @@ def train_transformer(work: Path, pool: dict, spiece: bytes, budget: Budget, see
     step, rng = 0, np.random.default_rng(seed + 3)
     state = stage.load()
     if state is not None:
-        dit.load_state_dict(state["dit"])
+        stage.restore(dit, state["dit"])
         encoder.load_state_dict(state["encoder"])
         ema["dit"].load_state_dict(state["ema_dit"])
         ema["encoder"].load_state_dict(state["ema_encoder"])
