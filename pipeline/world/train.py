@@ -16,13 +16,11 @@ Stages, each resumable (a checkpoint every few minutes; a finished stage is skip
 
 Everything is seeded. One command runs them all:
     zoetrope train-builtin --work builtin-training
-Measured on a 2-core CPU with native bf16 (AVX512-BF16: autocast computes in bf16, ops.bf16_native), the last
-full run, its wide decoder trained with the encoder (wide_decoder_steps 0): VAE 32.6 min (2500 steps) and its decoder
-tuning 11 min, latent pool 1.8 min, transformer 61 min (0.9 s a step; its halves 31 and 30 min); 1 h 47 min in all.
-With the wide decoder's own stage (the default) the joint VAE takes about 21 min there (0.5 s a step) and the wide
-decoder about 24 (0.73 s a step), about 2 h in all (from 100-step runs; no full run of it yet). A 2-core AVX-512 CPU
-without native bf16 trains in fp32, about twice as long: the recipe with a 16-channel decoder only took 2 h 56 min
-there, so with the wide decoder it runs over 3 hours. One with AVX2 only takes several times as long. `--only
+Measured on a 2-core CPU with native bf16 (AVX512-BF16: autocast computes in bf16, ops.bf16_native), the run
+that made the shipped weights: VAE 18.5 min (2500 steps), wide decoder 20.5 min (2000 steps), decoder tuning 11 min
+(the VAE stage 50 min), latent pool 1.7 min, transformer 56 min (its halves 28 and 27.5 min); 1 h 48 min in all.
+A 2-core AVX-512 CPU without native bf16 trains in fp32, about twice as long: over 3 hours (the recipe with a
+16-channel decoder only took 2 h 56 min there). One with AVX2 only takes several times as long. `--only
 STAGE` runs one stage. A GPU, when present, is used and takes minutes.
 """
 from __future__ import annotations
