@@ -381,25 +381,31 @@ def test_decode_gives_image_frames_in_range(models):
 
 
 def test_tiled_decode_is_bounded_and_matches_whole_frame_decode(models, monkeypatch):
+    """Tiles against one whole decode, on the latent of a world clip (what users decode). Pure noise latents are
+    no test of the seams: far outside what the trained decoder saw, they decode differently under any change of
+    context (tiles of them differ from the whole frame by a mean of 0.06-0.11)."""
+    import numpy as np
+    from zoetrope.pipeline import world
     _, _, vae = models
-    torch.manual_seed(3)
     s = vae.module.spatial_compression
-    z = torch.randn(1, vae.module.z_dim, 2, 24, 24)                    # 96x96 pixels with a stride of 4
-    whole = ZoetropeVAEDecode().decode(vae, {"samples": z})[0]
+    clip = world.render(world.sample_scene(np.random.default_rng(3), 2), frames=9)       # [9, 64, 64, 3] uint8
+    z = ZoetropeVAEEncode().encode(vae, torch.from_numpy(clip).float() / 255)[0]
+    h, w = z["samples"].shape[-2:]
+    whole = ZoetropeVAEDecode().decode(vae, z)[0]
     # a tile as large as the frame is the whole decode, exactly
-    same = ZoetropeVAEDecode().decode(vae, {"samples": z}, tile_size=24 * s, overlap=8 * s)[0]
+    same = ZoetropeVAEDecode().decode(vae, z, tile_size=h * s, overlap=4 * s)[0]
     assert torch.equal(same, whole)
 
     seen = []
     decode = type(vae.module).decode
     monkeypatch.setattr(type(vae.module), "decode",
                         lambda self, z, callback=None: seen.append(z.shape[-2:]) or decode(self, z, callback))
-    tiled = ZoetropeVAEDecode().decode(vae, {"samples": z}, tile_size=12 * s, overlap=4 * s)[0]
-    assert len(seen) == 9 and all(h <= 12 and w <= 12 for h, w in seen)     # peak memory follows the tile
+    tiled = ZoetropeVAEDecode().decode(vae, z, tile_size=h // 2 * s, overlap=h // 4 * s)[0]
+    assert len(seen) == 9 and all(th <= h // 2 and tw <= w // 2 for th, tw in seen)    # peak memory follows the tile
     diff = (tiled - whole).abs()
     print(f"\ntiled vs whole decode (0..1 frames): max {diff.max():.4f}, mean {diff.mean():.5f}")
     assert tiled.shape == whole.shape
-    assert diff.mean() < 0.05 and diff.max() < 0.5
+    assert diff.mean() < 0.01 and diff.max() < 0.4
 
 
 def test_tile_layout_covers_with_overlap():
