@@ -152,10 +152,7 @@ def train_pictures(pool, tokenizer, budget: train.Budget, dit_config, steps: int
         idx = rng.integers(len(scenes), size=batch).tolist()
         loss = train._flow_loss(dit, encoder, tokenizer, pictures[idx], [scenes[i] for i in idx], rng, gen, budget,
                                 device, i2v=False)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        train._optimizer_step(opt, loss, params)
         decay = 0.998 if step > steps // 4 else 0.0
         train._ema_update(ema_dit, dit, decay)
         train._ema_update(ema_encoder, encoder, decay)

@@ -270,10 +270,7 @@ def train_vae(work: Path, budget: Budget, seed: int, device: torch.device, progr
         if probe is not None:
             probe_loss = _shape_probe_loss(probe, mu, maps, vae.temporal_compression, vae.spatial_compression)
             loss = loss + budget.vae_shape_probe * probe_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _optimizer_step(opt, loss, params)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
@@ -344,10 +341,7 @@ def train_wide_decoder(work: Path, joint: WanVAE, budget: Budget, seed: int, dev
                 mu = vae.encode(video)
             recon = vae.decode(_blur_latent(mu) if blur else mu, clamp=False).float()
         loss = _reconstruction_loss(recon, video)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _optimizer_step(opt, loss, params)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
@@ -479,10 +473,7 @@ def tune_decoder(work: Path, vae: WanVAE, budget: Budget, seed: int, device: tor
             g_rec = torch.autograd.grad(rec, last_layer, retain_graph=True)[0].norm()
             g_fool = torch.autograd.grad(fool, last_layer, retain_graph=True)[0].norm()
             loss = rec + budget.decoder_critic * (g_rec / (g_fool + 1e-4)).clamp(max=1e4).detach() * fool
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _optimizer_step(opt, loss, params)
         critic.requires_grad_(True)
         critic_loss = F.relu(1 - critic(video)).mean() + F.relu(1 + critic(recon.detach())).mean()
         opt_critic.zero_grad(set_to_none=True)
@@ -710,10 +701,7 @@ def train_transformer(work: Path, pool: dict, spiece: bytes, budget: Budget, see
             loss = loss + _flow_loss(dit, encoder, tokenizer, latents[idx, :, :1].float().to(device),
                                      [scenes[i] for i in idx], rng, gen, budget, device, i2v=False,
                                      clause_probe=probe)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _optimizer_step(opt, loss, params)
         _ema_update(ema["dit"], dit, budget.ema if step > 1000 else 0.0)
         _ema_update(ema["encoder"], encoder, budget.ema if step > 1000 else 0.0)
         step += 1
@@ -876,6 +864,14 @@ def _latent_object_weight(x0: torch.Tensor, strength: float, outline: float = 0.
 def _ema_update(ema_model, model, decay: float):
     for e, p in zip(ema_model.parameters(), model.parameters()):
         e.lerp_(p.detach(), 1 - decay)
+
+
+def _optimizer_step(opt, loss: torch.Tensor, params) -> None:
+    """One step of `opt` on `loss`, the gradient norm of `params` clipped to 1 (every stage's update)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
 
 
 def _set_cosine_lr(opt, step: int, total: int, peak: float, warmup: int) -> float:
